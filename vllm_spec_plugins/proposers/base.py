@@ -1,0 +1,57 @@
+"""The one interface every proposer implements. Plain Python: no vLLM imports.
+
+The vLLM integration layer (``vllm_spec_plugins.integration``) owns the request
+lifecycle and calls these hooks; proposers only see request ids and token ids.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Sequence
+
+import numpy as np
+
+
+class Proposer(abc.ABC):
+    """Drafts token chains for running requests.
+
+    Lifecycle, per request id (all calls from one thread, the model runner's):
+      on_request_start(req_id, prompt)       once, before the first propose
+      on_tokens(req_id, new_tokens)          every step, tokens appended since last call
+      propose_batch([...])                   every decode step
+      on_request_finish(req_id, aborted)     once: finished, aborted or evicted
+    A request id may be reused after it finished (vLLM resubmits aborted ids):
+    the integration layer always calls finish before a second start.
+    """
+
+    @abc.abstractmethod
+    def on_request_start(self, req_id: str, prompt_token_ids: np.ndarray) -> None: ...
+
+    @abc.abstractmethod
+    def on_tokens(self, req_id: str, new_token_ids: np.ndarray) -> None: ...
+
+    @abc.abstractmethod
+    def propose(self, req_id: str, context: np.ndarray, max_tokens: int) -> list[int]:
+        """Return at most ``max_tokens`` draft tokens that continue ``context``.
+
+        ``context`` is prompt + output so far (read-only view, int32)."""
+
+    def propose_batch(
+        self, batch: Sequence[tuple[str, np.ndarray, int]]
+    ) -> list[list[int]]:
+        """Default: one ``propose`` per row. Override to vectorise."""
+        return [self.propose(r, ctx, k) for r, ctx, k in batch]
+
+    @abc.abstractmethod
+    def on_request_finish(self, req_id: str, aborted: bool = False) -> None: ...
+
+    # Optional persistence of cross-request state (e.g. a global cache).
+    def save(self, path: str) -> None:  # pragma: no cover - default no-op
+        raise NotImplementedError(f"{type(self).__name__} has no state to save")
+
+    def load(self, path: str) -> None:  # pragma: no cover - default no-op
+        raise NotImplementedError(f"{type(self).__name__} has no state to load")
+
+    def num_active_requests(self) -> int:
+        """How many requests hold per-request state (tests check it returns to 0)."""
+        return 0
