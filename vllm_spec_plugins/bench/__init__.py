@@ -1,0 +1,1 @@
+"""Benchmark helpers (workloads, ...). Plain Python: no vLLM imports."""
