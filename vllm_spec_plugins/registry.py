@@ -12,8 +12,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ValidationError
 
-from vllm_spec_plugins.proposers.base import Proposer
-from vllm_spec_plugins.proposers.suffix_tree import SuffixTreeConfig, SuffixTreeProposer
+from vllm_spec_plugins.config import SuffixTreeConfig
 
 #: Key of the plugin's settings inside vLLM's ``additional_config``.
 CONFIG_KEY = "spec_plugins"
@@ -25,15 +24,22 @@ class PluginConfigError(ValueError):
 
 @dataclass(frozen=True)
 class MethodEntry:
-    proposer_cls: type[Proposer]
+    # "module:Class", imported only when a proposer is built: the proposers pull
+    # in numba, which must not load before vLLM's CPU worker initialises.
+    proposer_path: str
     config_cls: type[BaseModel]
     lossless: bool
     summary: str
 
+    def proposer_cls(self) -> type:
+        mod, _, name = self.proposer_path.partition(":")
+        return getattr(importlib.import_module(mod), name)
+
 
 METHODS: dict[str, MethodEntry] = {
     "suffix_tree": MethodEntry(
-        SuffixTreeProposer, SuffixTreeConfig, lossless=True,
+        "vllm_spec_plugins.proposers.suffix_tree:SuffixTreeProposer", SuffixTreeConfig,
+        lossless=True,
         summary="SuffixDecoding: per-request + global suffix trees (model-free)"),
 }
 
@@ -60,18 +66,22 @@ def _import_custom(path: str) -> MethodEntry:
     except (ImportError, AttributeError) as e:
         raise PluginConfigError(
             f"additional_config.{CONFIG_KEY}.method: cannot import {path!r} ({e})") from e
+    from vllm_spec_plugins.proposers.base import Proposer
+
     if not (isinstance(cls, type) and issubclass(cls, Proposer)):
         raise PluginConfigError(
             f"additional_config.{CONFIG_KEY}.method: {path!r} is not a "
             "vllm_spec_plugins.proposers.base.Proposer subclass")
     config_cls = getattr(cls, "Config", None) or BaseModel
-    return MethodEntry(cls, config_cls, lossless=True, summary=f"custom proposer {path}")
+    return MethodEntry(path, config_cls, lossless=True, summary=f"custom proposer {path}")
 
 
 def resolve(settings: dict[str, Any] | None) -> tuple[str, MethodEntry, BaseModel]:
     """Validate the plugin settings; return (method, entry, config)."""
     known = ", ".join(sorted(METHODS))
-    if not settings or "method" not in settings:
+    if isinstance(settings, BaseModel):
+        settings = settings.model_dump()
+    if not settings or not isinstance(settings, dict) or "method" not in settings:
         raise PluginConfigError(
             f"additional_config.{CONFIG_KEY}.method is required: pass e.g. "
             f'additional_config={{"{CONFIG_KEY}": {{"method": "suffix_tree"}}}} '
@@ -100,9 +110,9 @@ def resolve(settings: dict[str, Any] | None) -> tuple[str, MethodEntry, BaseMode
     return method, entry, config
 
 
-def build_proposer(settings: dict[str, Any] | None, num_speculative_tokens: int) -> tuple[str, Proposer, BaseModel]:
+def build_proposer(settings: dict[str, Any] | None, num_speculative_tokens: int) -> tuple[str, Any, BaseModel]:
     method, entry, config = resolve(settings)
-    return method, entry.proposer_cls(config, num_speculative_tokens), config
+    return method, entry.proposer_cls()(config, num_speculative_tokens), config
 
 
 def available_methods() -> dict[str, Callable[..., Any] | str]:

@@ -62,6 +62,46 @@ def check_vllm_version() -> str:
 def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group."""
     check_vllm_version()
+    _install_config_validation()
+
+
+_VALIDATION_PATCHED = False
+
+
+def validate_engine_config(vllm_config: Any) -> None:
+    """Fail at startup, in the user's process, with the field named.
+
+    Without this a bad setting only surfaces inside the worker, and the user
+    sees vLLM's generic "Engine core initialization failed"."""
+    spec = getattr(vllm_config, "speculative_config", None)
+    if spec is None or getattr(spec, "model", None) != DRAFTER_CLASS_PATH:
+        return
+    from vllm_spec_plugins.registry import PluginConfigError, resolve
+
+    settings = (getattr(vllm_config, "additional_config", None) or {}).get(CONFIG_KEY)
+    try:
+        resolve(settings)
+    except PluginConfigError as e:
+        raise ValueError(f"vllm-spec-plugins: {e}") from None
+
+
+def _install_config_validation() -> None:
+    """Wrap ``EngineArgs.create_engine_config`` (LLM(...) and the OpenAI server
+    both build their config through it, in the user's process)."""
+    global _VALIDATION_PATCHED
+    if _VALIDATION_PATCHED:
+        return
+    from vllm.engine.arg_utils import EngineArgs
+
+    orig = EngineArgs.create_engine_config
+
+    def create_engine_config(self, *args, **kwargs):
+        cfg = orig(self, *args, **kwargs)
+        validate_engine_config(cfg)
+        return cfg
+
+    EngineArgs.create_engine_config = create_engine_config
+    _VALIDATION_PATCHED = True
 
 
 # --------------------------------------------------------------------------

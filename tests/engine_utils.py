@@ -1,0 +1,74 @@
+"""Shared helpers for tests that run the real vLLM CPU engine (float32)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(fn)
+
+MAX_TOKENS = 64
+
+
+def model_path() -> str:
+    from vllm_spec_plugins.models import ensure_model
+
+    return str(ensure_model("smollm2-135m", progress=False))
+
+
+def make_llm(**kwargs):
+    from vllm import LLM
+
+    return LLM(model=model_path(), dtype="float32", max_model_len=4096, seed=0,
+               kv_cache_memory_bytes=1 << 30, disable_log_stats=False,
+               enforce_eager=True, **kwargs)
+
+
+def plugin_llm(method: str = "suffix_tree", k: int = 8, **settings):
+    from vllm_spec_plugins.integration import speculative_config
+
+    return make_llm(speculative_config=speculative_config(k),
+                    additional_config={"spec_plugins": {"method": method, **settings}})
+
+
+def spec_counters(llm) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode_num_"):
+            key = m.name.removeprefix("vllm:spec_decode_num_")
+            out[key] = list(m.values) if hasattr(m, "values") else float(m.value)
+    return out
+
+
+def delta(after: dict, before: dict, key: str) -> float:
+    return float(after.get(key, 0)) - float(before.get(key, 0))
+
+
+def drafter_state(llm) -> dict:
+    from vllm_spec_plugins.integration import drafter_snapshot
+
+    (snap,) = llm.collective_rpc(drafter_snapshot)
+    return snap
+
+
+def prompt_set(tokenizer) -> list[str]:
+    """Varied prompts: chat, code, repetitive text, a long prompt, short ones."""
+    from vllm_spec_plugins.bench.workloads import make_repetitive
+
+    chat = [[{"role": "user", "content": q}] for q in (
+        "What are three tips for staying productive while working from home?",
+        "Explain why the sky is blue in two sentences.",
+    )]
+    code = [[{"role": "user", "content": "Write a Python function that returns the n-th "
+                                          "Fibonacci number, with a docstring."}],
+            [{"role": "user", "content": "Complete this function:\n```python\ndef "
+                                          "is_palindrome(s: str) -> bool:\n    \"\"\"Return True "
+                                          "if s reads the same backwards.\"\"\"\n```"}]]
+    repetitive = make_repetitive(4, seed=3).prompts
+    long_text = " ".join(f"Item {i}: the value of sensor {i % 7} was {i * 37 % 101} units."
+                         for i in range(120))
+    long = [[{"role": "user", "content": long_text + "\nList the last five items again."}]]
+    msgs = chat + code + repetitive + long
+    prompts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+               for m in msgs]
+    prompts.append("the cat sat on the mat. the cat sat on the mat. the cat sat on the")
+    return prompts
