@@ -1,0 +1,36 @@
+"""A proposer that fails on purpose, to test that failures cost only drafts.
+
+Used as ``{"method": "flaky_proposer:FlakyProposer"}`` (custom-class form)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vllm_spec_plugins.config import SuffixTreeConfig
+from vllm_spec_plugins.proposers.suffix_tree import SuffixTreeProposer
+
+
+class FlakyProposer(SuffixTreeProposer):
+    Config = SuffixTreeConfig
+
+    def __init__(self, config, num_speculative_tokens):
+        super().__init__(config, num_speculative_tokens)
+        self.calls = 0
+
+    def on_request_start(self, req_id: str, prompt_token_ids: np.ndarray) -> None:
+        if "boom" in req_id:
+            raise RuntimeError("injected failure in on_request_start")
+        super().on_request_start(req_id, prompt_token_ids)
+
+    def propose(self, req_id, context, max_tokens):
+        self.calls += 1
+        if self.calls % 3 == 0:
+            raise RuntimeError("injected failure in propose")
+        return super().propose(req_id, context, max_tokens)
+
+    def propose_batch(self, batch):
+        # Fail the whole batch every other step, so the per-row retry path runs too.
+        if self.calls % 2 == 1:
+            self.calls += 1
+            raise RuntimeError("injected batch failure")
+        return [self.propose(r, c, k) for r, c, k in batch]

@@ -1,0 +1,45 @@
+"""Settings validation and the method registry (no engine)."""
+
+import pytest
+
+from vllm_spec_plugins.registry import METHODS, PluginConfigError, resolve
+
+
+def test_default_settings_resolve():
+    method, entry, config = resolve({"method": "suffix_tree"})
+    assert method == "suffix_tree" and entry.lossless
+    assert config.max_tree_depth == 64
+
+
+@pytest.mark.parametrize("settings, needle", [
+    ({"method": "suffix_tree", "bogus": 1}, "spec_plugins.bogus: unknown setting"),
+    ({"method": "suffix_tree", "min_token_prob": 2.0}, "spec_plugins.min_token_prob"),
+    ({"method": "suffix_tree", "max_tree_depth": 1}, "spec_plugins.max_tree_depth"),
+    ({"method": "nope"}, "known methods: suffix_tree"),
+    ({}, "spec_plugins.method is required"),
+    ({"method": 3}, "must be a string"),
+    ({"method": "os:path"}, "is not a vllm_spec_plugins.proposers.base.Proposer subclass"),
+    ({"method": "no_such_module_xyz:Cls"}, "cannot import"),
+])
+def test_bad_settings_name_the_field(settings, needle):
+    with pytest.raises(PluginConfigError) as err:
+        resolve(settings)
+    assert needle in str(err.value)
+
+
+def test_every_method_builds_with_defaults():
+    for name, entry in METHODS.items():
+        cls = entry.proposer_cls()
+        proposer = cls(entry.config_cls(), 8)
+        assert proposer.num_active_requests() == 0
+
+
+def test_configs_dir_matches_registry():
+    import json
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    for name in METHODS:
+        cfg = json.loads((root / f"{name}.json").read_text())
+        assert cfg["speculative_config"]["model"] == "vllm_spec_plugins.integration.PluginDrafter"
+        resolve(cfg["additional_config"]["spec_plugins"])
