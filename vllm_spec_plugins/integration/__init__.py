@@ -193,10 +193,6 @@ class PluginDrafter:
         warm = getattr(self.proposer, "warmup", None)
         if callable(warm):
             warm()
-        else:
-            from vllm_spec_plugins.proposers import suffix_tree
-
-            suffix_tree.warmup()
 
     # -- lifecycle ---------------------------------------------------------
     def finish_request(self, req_id: str) -> None:

@@ -52,6 +52,9 @@ class Proposer(abc.ABC):
     def load(self, path: str) -> None:  # pragma: no cover - default no-op
         raise NotImplementedError(f"{type(self).__name__} has no state to load")
 
+    def warmup(self) -> None:
+        """Compile/prepare before serving (called once by the integration layer)."""
+
     def num_active_requests(self) -> int:
         """How many requests hold per-request state (tests check it returns to 0)."""
         return 0

@@ -1032,6 +1032,9 @@ class SuffixTreeProposer(Proposer):
     def num_active_requests(self) -> int:
         return len(self._reqs)
 
+    def warmup(self) -> None:
+        warmup()  # the module-level kernel warm-up
+
     # ------------------------------------------------------- global cache
     def _reset_global(self, node_capacity: int = 1024, token_capacity: int = 4096) -> None:
         self._global = SuffixTree(self._depth, node_capacity=node_capacity,
