@@ -688,7 +688,7 @@ def plot_speedup(rows: Sequence[dict], methods: Sequence[str], workloads: Sequen
 
     spec_methods = [m for m in methods if m != baseline]
     by = {(r["workload"], r["method"]): r for r in rows}
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(workloads) * max(1, len(spec_methods)) / 2 + 3), 4.2))
+    fig, ax = plt.subplots(figsize=(max(7.5, 0.8 * len(workloads) * max(1, len(spec_methods)) + 3), 4.5))
     n = max(1, len(spec_methods))
     width = 0.8 / n
     xs = list(range(len(workloads)))
@@ -705,10 +705,11 @@ def plot_speedup(rows: Sequence[dict], methods: Sequence[str], workloads: Sequen
                 lo_err.append(0.0)
                 hi_err.append(0.0)
         pos = [x - 0.4 + width * (j + 0.5) for x in xs]
-        bars = ax.bar(pos, vals, width, label=m, yerr=[lo_err, hi_err], capsize=3)
-        for b, v in zip(bars, vals):
+        yerr = [lo_err, hi_err] if any(lo_err) or any(hi_err) else None
+        bars = ax.bar(pos, vals, width, label=m, yerr=yerr, capsize=3)
+        for b, v, up in zip(bars, vals, hi_err):
             if math.isfinite(v):
-                ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, v), ha="center",
+                ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, v + up), ha="center",
                             va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
             else:
                 ax.annotate("n/a", (b.get_x() + b.get_width() / 2, 0), ha="center",
@@ -717,7 +718,7 @@ def plot_speedup(rows: Sequence[dict], methods: Sequence[str], workloads: Sequen
     ax.set_xticks(xs)
     ax.set_xticklabels(workloads)
     ax.set_ylabel(f"speedup over {baseline} (output tok/s)")
-    ax.set_title("Speculative decoding speedup (median over repeats, bars: min–max)")
+    ax.set_title("Speedup over no speculation\n(median over repeats; whiskers: min–max)", fontsize=11)
     ax.legend(fontsize=8)
     ax.set_ylim(bottom=0)
     fig.tight_layout()
@@ -734,7 +735,7 @@ def plot_acceptance(rows: Sequence[dict], methods: Sequence[str], workloads: Seq
 
     by = {(r["workload"], r["method"]): r for r in rows}
     n = max(1, len(workloads))
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.8), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(max(6.5, 4.2 * n), 4.0), sharey=True, squeeze=False)
     for ax, w in zip(axes[0], workloads):
         drew = False
         for m in methods:
@@ -756,7 +757,7 @@ def plot_acceptance(rows: Sequence[dict], methods: Sequence[str], workloads: Seq
         else:
             ax.text(0.5, 0.5, "no drafts", ha="center", va="center", transform=ax.transAxes)
     axes[0][0].set_ylabel("acceptance rate (accepted / drafts)")
-    fig.suptitle("Acceptance rate per draft position (τ = mean acceptance length)")
+    fig.suptitle("Acceptance rate per draft position (τ = mean acceptance length)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -775,6 +776,20 @@ def _tail(path: Path, n: int = STDERR_TAIL_LINES) -> list[str]:
     except OSError:
         return []
     return lines[-n:]
+
+
+def last_error_line(lines: Sequence[str]) -> str:
+    """The most telling line of a traceback tail: the last ``SomeError: ...`` line,
+    else the last non-blank line."""
+    pat = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*)$")
+    for line in reversed(lines):
+        m = pat.match(line)
+        if m:
+            return m.group(1).strip()
+    for line in reversed(lines):
+        if line.strip():
+            return line.strip()
+    return ""
 
 
 def _run_worker(spec: dict, run_dir: Path, timeout: Optional[float]) -> dict:
@@ -822,8 +837,9 @@ def _run_worker(spec: dict, run_dir: Path, timeout: Optional[float]) -> dict:
     else:
         error = f"worker exited with code {rc}"
     tail = _tail(err_log) or _tail(out_log)
-    return dict(base, status="failed", error=error, returncode=rc, stderr_tail=tail,
-                worker_seconds=elapsed)
+    cause = last_error_line(_tail(err_log, 200) or tail)
+    return dict(base, status="failed", error=error + (f": {cause}" if cause else ""),
+                returncode=rc, stderr_tail=tail, worker_seconds=elapsed)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
