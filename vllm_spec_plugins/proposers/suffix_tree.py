@@ -361,6 +361,17 @@ def _mark_dirty(n32, dirty, nd, p):
 
 
 @njit(cache=True)
+def _push(stack, sp, x):
+    """stack[sp] = x, doubling the stack when full; returns the (new) stack."""
+    if sp == stack.shape[0]:
+        g = np.empty(2 * sp, np.int64)
+        g[:sp] = stack[:sp]
+        stack = g
+    stack[sp] = x
+    return stack
+
+
+@njit(cache=True)
 def _remove(n32, n64, hk, hv, st, ar, sq, op, q, max_depth):
     """Subtract slot q's occurrences. Only valid when q is older than every
     other stored sequence (all its appends precede theirs): then any node
@@ -400,11 +411,7 @@ def _remove(n32, n64, hk, hv, st, ar, sq, op, q, max_depth):
                 sp = 0
                 ch = n32[c, _FCH]
                 while ch >= 0:
-                    if sp == stack.shape[0]:
-                        g = np.empty(2 * sp, np.int64)
-                        g[:sp] = stack[:sp]
-                        stack = g
-                    stack[sp] = ch
+                    stack = _push(stack, sp, ch)
                     sp += 1
                     ch = n32[ch, _NSIB]
                 while sp > 0:
@@ -414,11 +421,7 @@ def _remove(n32, n64, hk, hv, st, ar, sq, op, q, max_depth):
                     if ch >= 0:  # free children first
                         sp += 1
                         while ch >= 0:
-                            if sp == stack.shape[0]:
-                                g = np.empty(2 * sp, np.int64)
-                                g[:sp] = stack[:sp]
-                                stack = g
-                            stack[sp] = ch
+                            stack = _push(stack, sp, ch)
                             sp += 1
                             ch = n32[ch, _NSIB]
                         continue
