@@ -813,3 +813,105 @@ def run_method_online(engine_kwargs: dict, *, workloads: Sequence[Any], concurre
         if srv is not None:
             out["server_returncode"] = srv.stop()
     return out
+
+
+def served_model(base_url: str, timeout: float = 10.0) -> str:
+    """The first model id a running OpenAI-compatible server lists."""
+    try:
+        status, body = _http_get(base_url.rstrip("/") + "/v1/models", timeout=timeout)
+    except OSError as e:
+        raise ServerError(f"--server-url {base_url}: cannot connect ({e}); is the server running?") from None
+    if status != 200:
+        raise ServerError(f"--server-url {base_url}: GET /v1/models answered HTTP {status}")
+    try:
+        data = json.loads(body)["data"]
+        return str(data[0]["id"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise ServerError(f"--server-url {base_url}: /v1/models lists no model") from None
+
+
+def _counters_or_none(base_url: str) -> Optional[dict[str, Any]]:
+    try:
+        return fetch_spec_counters(base_url)
+    except (ServerError, OSError):
+        return None
+
+
+def measurement_from_load(cell: dict, res: LoadResult, spec: Optional[dict]) -> dict[str, Any]:
+    """A benchmark measurement (see ``stats.py``) out of one load run."""
+    s = res.summary()
+    texts = [[t or "" for t in conv] for conv in res.texts()]
+    return {"workload": cell["workload"], "scenario": cell["scenario"],
+            "wall_s": res.wall_s, "num_prompts": len(cell["prompts"]),
+            "output_tokens": s["output_tokens"], "texts": texts, "spec": spec, "drafter": None,
+            "errors": s["errors"] + s["skipped"],
+            "latency": {"ttft_ms_p50": s["ttft_median_ms"], "ttft_ms_p90": s["ttft_p90_ms"],
+                        "tpot_ms_p50": s["tpot_median_ms"], "itl_ms_p50": s["itl_median_ms"],
+                        "itl_ms_p90": s["itl_p90_ms"]},
+            "summary": s}
+
+
+def run_cells(*, label: str, repeat: int, cells: Sequence[dict], engine_kwargs: Optional[dict],
+              server_url: Optional[str], max_tokens: int, env: Optional[dict], log_dir: str | Path,
+              timeout: Optional[float] = None, startup_timeout: float = 900,
+              on_cell_done: Optional[Callable[[int], Any]] = None) -> dict[str, Any]:
+    """The benchmark's online run of one (repeat, method): serve the method (or use
+    the user's ``server_url``), then load it with each cell's conversations at the
+    cell's concurrency. Returns a run dict like the offline worker's
+    (``{"status", "label", "repeat", "measurements", ...}``); a failure keeps the
+    cells measured before it, and a cell with failed requests fails the run."""
+    run: dict[str, Any] = {"label": label, "repeat": repeat, "status": "failed", "measurements": []}
+    srv: Optional[ServerProcess] = None
+    t_begin = time.perf_counter()
+    try:
+        if server_url:
+            base_url = server_url.rstrip("/")
+            model = served_model(base_url)
+        else:
+            assert engine_kwargs is not None
+            log_dir = Path(log_dir)
+            log_dir.mkdir(parents=True, exist_ok=True)
+            stem = f"r{repeat}-{_safe(label)}-online"
+            host = "127.0.0.1"
+            port = free_port(host)
+            base_url = f"http://{host}:{port}"
+            model = engine_kwargs["model"]
+            run["stderr_log"] = str(log_dir / f"{stem}.stderr.log")
+            srv = ServerProcess(server_command(engine_kwargs, host=host, port=port),
+                                base_url=base_url, model=model, env=env,
+                                stdout_log=log_dir / f"{stem}.stdout.log",
+                                stderr_log=run["stderr_log"])
+            srv.start()
+            run["startup_s"] = srv.wait_ready(startup_timeout)
+        warm = run_load(base_url, model, [WARMUP_MESSAGES], max_tokens=WARMUP_MAX_TOKENS, concurrency=1)
+        if not warm.requests[0].ok:
+            raise ServerError(f"warm-up request failed: {warm.requests[0].error}")
+        for cell in cells:
+            left = None if timeout is None else timeout - (time.perf_counter() - t_begin)
+            if left is not None and left <= 0:
+                raise ServerError(f"run timed out after {timeout:g} s")
+            # a server that is not vLLM may have no /metrics: then no acceptance numbers
+            before = _counters_or_none(base_url)
+            res = run_load(base_url, model, cell["prompts"], cell.get("followups") or None,
+                           max_tokens=max_tokens, concurrency=int(cell["concurrency"]),
+                           timeout=left if left is not None else 600)
+            if srv is not None:
+                srv.check_alive(f"during {cell['workload']} / {cell['scenario']}")
+            spec = spec_counters_delta(before, _settled_counters(base_url)) if before else None
+            m = measurement_from_load(cell, res, spec if spec and spec["draft_tokens"] else None)
+            run["measurements"].append(m)
+            if on_cell_done is not None:
+                on_cell_done(1)
+            if m["errors"]:
+                first = next(r.error for r in res.requests if r.error)
+                raise ServerError(f"{m['errors']} request(s) failed in {cell['workload']} / "
+                                  f"{cell['scenario']}: {first}")
+        run["status"] = "ok"
+    except Exception as e:
+        run["error"] = str(e) if isinstance(e, (ServerError, ValueError)) else f"{type(e).__name__}: {e}"
+        if srv is not None and srv.proc is not None and not srv.alive() and not isinstance(e, ServerError):
+            run["error"] += f"; server exited: {srv.failure_cause()}"
+    finally:
+        if srv is not None:
+            run["server_returncode"] = srv.stop()
+    return run

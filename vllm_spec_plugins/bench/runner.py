@@ -517,8 +517,22 @@ def _env_info(runs: Sequence[dict]) -> dict[str, Any]:
     return info
 
 
+def _interrupt_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt, so a killed benchmark still stops the
+    engines and servers it started (they run in their own sessions)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        def _raise(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        signal.signal(signal.SIGTERM, _raise)
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    _interrupt_on_sigterm()
     for line in cfg.notes:
         print(line, file=sys.stderr)
     validate_plugin_settings(cfg.methods, cfg.plugin_config)
