@@ -176,9 +176,6 @@ def test_config_json_not_of_this_package_names_the_file(tmp_path, content):
     assert str(path) in msg and "not a config of this package" in msg and "\n" not in msg
 
 
-@pytest.mark.xfail(strict=True, raises=(AttributeError, OSError), reason=(
-    "bug in methods.read_config_file: a non-object additional_config raises AttributeError "
-    "('list'.get) and a directory named *.json raises IsADirectoryError, not a ValueError naming the file"))
 @pytest.mark.parametrize("kind", ["additional_config list", "additional_config string", "directory"])
 def test_config_json_odd_shapes_give_a_value_error_naming_the_file(tmp_path, kind):
     path = tmp_path / "odd.json"

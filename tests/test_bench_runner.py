@@ -107,6 +107,8 @@ def test_int_list_errors(flag, text, fragment):
     (["--workloads", "code,nope"], "--workloads: unknown workload 'nope'"),
     (["--server-url", "localhost:8000"], "--server-url: expected http(s)://host:port"),
     (["--server-url", "ftp://host:21"], "--server-url"),
+    (["--server-url", "http://h:1", "--methods", "none,ngram"], "drop --methods/--draft-model"),
+    (["--server-url", "http://h:1", "--draft-model", "x"], "drop --methods/--draft-model"),
 ])
 def test_argument_errors(argv, fragment):
     with pytest.raises(ValueError) as e:
@@ -520,6 +522,7 @@ def test_run_from_args_server_url_measures_one_method(fake_env, tmp_path, capsys
     fakes = fake_env()
     args, out = bench_args(tmp_path, "--server-url", "http://127.0.0.1:9", "--concurrency", "1,2",
                            "--model", "served-name")
+    args.methods = R.DEFAULT_METHODS  # --server-url refuses an explicit --methods
     assert R.run_from_args(args) == 0
     assert fakes.calls == [("online", 0, "server"), ("online", 1, "server")]
     assert fakes.resolved == []  # the server's model is not looked up locally

@@ -67,9 +67,12 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         obj = json.loads(p.read_text())
     except FileNotFoundError:
         raise ValueError(f"--methods: no such config file {str(p)!r}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    plugin = (obj.get("additional_config") or {}).get(CONFIG_KEY) if isinstance(obj, dict) else None
+    except OSError as e:
+        raise ValueError(f"--methods: cannot read config file {str(p)!r}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: invalid JSON ({getattr(e, 'msg', e)})") from None
+    extra = obj.get("additional_config") if isinstance(obj, dict) else None
+    plugin = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
     if not isinstance(plugin, dict) or "method" not in plugin:
         raise ValueError(f"{p}: not a config of this package: expected "
                          f"{{\"additional_config\": {{\"{CONFIG_KEY}\": {{\"method\": ...}}}}}} "
@@ -205,7 +208,12 @@ def validate_plugin_settings(methods: Sequence[MethodSpec], plugin_config: dict)
 
     for m in methods:
         if m.kind == "plugin":
-            resolve({"method": m.plugin_method, **m.settings, **plugin_config})
+            try:
+                resolve({"method": m.plugin_method, **m.settings, **plugin_config})
+            except ValueError as e:  # same type (PluginConfigError), with where it came from
+                where = " + ".join(x for x in (m.source, "--plugin-config" if plugin_config else "") if x)
+                raise type(e)(f"method {m.label!r}" + (f" (settings: {where})" if where else "")
+                              + f": {e}") from None
 
 
 def labels(methods: Iterable[MethodSpec]) -> list[str]:

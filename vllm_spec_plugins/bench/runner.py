@@ -241,6 +241,9 @@ def config_from_args(args: argparse.Namespace, *, registry: Optional[dict[str, b
     if args.server_url:
         if not re.match(r"^https?://[^/\s]+", args.server_url):
             raise ValueError(f"--server-url: expected http(s)://host:port, got {args.server_url!r}")
+        if args.methods != DEFAULT_METHODS or args.draft_model:
+            raise ValueError("--server-url measures the running server as one method: drop "
+                             "--methods/--draft-model (the server's own speculative config applies)")
         methods = [MethodSpec(args.server_label, "server")]
         notes = [f"note: measuring the running server {args.server_url} as {args.server_label!r}; "
                  "no baseline, so no speedup or equality check"]
@@ -517,22 +520,27 @@ def _env_info(runs: Sequence[dict]) -> dict[str, Any]:
     return info
 
 
-def _interrupt_on_sigterm() -> None:
-    """Turn SIGTERM into KeyboardInterrupt, so a killed benchmark still stops the
-    engines and servers it started (they run in their own sessions)."""
+def run_from_args(args: argparse.Namespace) -> int:
+    """Turns SIGTERM into KeyboardInterrupt while it runs, so a killed benchmark
+    still stops the engines and servers it started (they run in their own sessions)."""
     import signal
     import threading
 
-    if threading.current_thread() is threading.main_thread():
-        def _raise(signum: int, frame: Any) -> None:
-            raise KeyboardInterrupt(f"signal {signum}")
+    if threading.current_thread() is not threading.main_thread():
+        return _run(args)
 
-        signal.signal(signal.SIGTERM, _raise)
+    def _raise(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    _interrupt_on_sigterm()
     for line in cfg.notes:
         print(line, file=sys.stderr)
     validate_plugin_settings(cfg.methods, cfg.plugin_config)

@@ -91,8 +91,8 @@ class Workload:
       single-turn one). Each is sent after the model's *own* answer to the
       previous turn: generate, append that answer as an assistant message,
       append the followup as a user message, generate again.
-    * ``references`` -- what ``scorer`` needs to grade the (first-turn) answer of
-      each prompt; ``scorer`` is a key of ``vllm_spec_plugins.bench.tasks.SCORERS``.
+    * ``references`` -- what ``scorer`` needs to grade the answer to the last
+      turn of each prompt; ``scorer`` is a key of ``vllm_spec_plugins.bench.tasks.SCORERS``.
 
     Everything is plain JSON data (:meth:`to_dict` / :meth:`from_dict`), because
     the benchmark runner ships workloads to worker subprocesses as JSON.
