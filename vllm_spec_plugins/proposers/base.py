@@ -45,6 +45,24 @@ class Proposer(abc.ABC):
     @abc.abstractmethod
     def on_request_finish(self, req_id: str, aborted: bool = False) -> None: ...
 
+    # Optional: the target model's own top-k candidates at verified positions.
+    #: Width of the top-k this proposer wants from the target (0 = none). When
+    #: > 0, the integration layer takes the top-k of the logits the target has
+    #: already computed (no extra forward pass) and calls on_target_topk.
+    target_topk: int = 0
+
+    def on_target_topk(self, req_id: str, input_token_ids: np.ndarray,
+                       topk_ids: np.ndarray, topk_probs: np.ndarray) -> None:
+        """The target's candidates of this step, called before ``on_tokens``.
+
+        Row ``j`` holds the target's ``target_topk`` most likely next tokens
+        (``topk_ids`` int32 [n, k], best first) and their probabilities
+        (``topk_probs`` float32 [n, k]) after input token ``input_token_ids[j]``.
+        The inputs are the verification window of this step: the last token
+        before the drafts, then the drafts (accepted or not); ``n`` = drafts + 1.
+        Probabilities are of the raw model distribution (before temperature and
+        other sampling settings)."""
+
     # Optional persistence of cross-request state (e.g. a global cache).
     def save(self, path: str) -> None:  # pragma: no cover - default no-op
         raise NotImplementedError(f"{type(self).__name__} has no state to save")
