@@ -1000,26 +1000,33 @@ class SuffixTreeProposer(Proposer):
             r.tree.extend(0, new_token_ids)
 
     def propose(self, req_id: str, context: np.ndarray, max_tokens: int) -> list[int]:
+        return self.propose_scored(req_id, context, max_tokens)[0]
+
+    def propose_scored(self, req_id: str, context: np.ndarray,
+                       max_tokens: int) -> tuple[list[int], float, int]:
+        """``propose`` with the evidence behind the draft: (tokens, score =
+        expected accepted tokens, match_len = length of the context suffix
+        the draft continues). ``([], 0.0, 0)`` for an unknown request."""
         r = self._reqs.get(req_id)
         k = min(int(max_tokens), self.num_speculative_tokens)
         if r is None or k <= 0:
-            return []
+            return [], 0.0, 0
         cfg = self.config
         ctx = context if (isinstance(context, np.ndarray) and context.dtype == np.int32
                           and context.ndim == 1) else _as_i32(context)
         t = r.tree
-        toks, score, _ = _draft(t._n32, t._n64, t._hk, t._hv, t._ar, t._sq, t._op,
+        toks, score, L = _draft(t._n32, t._n64, t._hk, t._hv, t._ar, t._sq, t._op,
                                 ctx, k, cfg.max_spec_factor, cfg.max_spec_offset,
                                 cfg.min_token_prob, r.slot, self._depth)
         g = self._global
         if cfg.use_global_cache and g._slot_of:
-            gtoks, gscore, _ = _draft(g._n32, g._n64, g._hk, g._hv, g._ar, g._sq,
-                                      g._op, ctx, k, cfg.max_spec_factor,
-                                      cfg.max_spec_offset, cfg.min_token_prob, -1,
-                                      self._depth)
+            gtoks, gscore, gL = _draft(g._n32, g._n64, g._hk, g._hv, g._ar, g._sq,
+                                       g._op, ctx, k, cfg.max_spec_factor,
+                                       cfg.max_spec_offset, cfg.min_token_prob, -1,
+                                       self._depth)
             if gscore > score:
-                return gtoks.tolist()
-        return toks.tolist()
+                return gtoks.tolist(), float(gscore), int(gL)
+        return toks.tolist(), float(score), int(L)
 
     def on_request_finish(self, req_id: str, aborted: bool = False) -> None:
         # Aborted requests are cached too: their partial output is still
