@@ -15,7 +15,7 @@ def test_default_settings_resolve():
     ({"method": "suffix_tree", "bogus": 1}, "spec_plugins.bogus: unknown setting"),
     ({"method": "suffix_tree", "min_token_prob": 2.0}, "spec_plugins.min_token_prob"),
     ({"method": "suffix_tree", "max_tree_depth": 1}, "spec_plugins.max_tree_depth"),
-    ({"method": "nope"}, "known methods: suffix_tree"),
+    ({"method": "nope"}, "known methods: suffix_recycling, suffix_tree, token_recycling"),
     ({}, "spec_plugins.method is required"),
     ({"method": 3}, "must be a string"),
     ({"method": "os:path"}, "is not a vllm_spec_plugins.proposers.base.Proposer subclass"),

@@ -4,7 +4,7 @@ process at startup, before any worker exists."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class SuffixTreeConfig(BaseModel):
@@ -42,3 +42,90 @@ class SuffixTreeConfig(BaseModel):
                     "it at construction (a bad file only logs a warning).")
 
 
+
+class TokenRecyclingConfig(BaseModel):
+    """Settings of :class:`TokenRecyclingProposer` (Token Recycling,
+    arXiv 2408.08696)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    topk: int = Field(
+        8, ge=1, le=32,
+        description="Candidates kept per token in the adjacency matrix (its "
+                    "width) and asked of the target each step. 8 as in the "
+                    "paper: deeper ranks are rarely accepted, and memory grows "
+                    "linearly (max_vocab_size*topk*8 bytes at most).")
+    tree_breadth: list[int] = Field(
+        [4, 2, 1], min_length=1, max_length=64,
+        description="Draft-tree template: tree_breadth[d] = children kept per "
+                    "node at depth d (the root is depth 0, the last value "
+                    "repeats deeper). Default: the 4 best first tokens x 2 "
+                    "second tokens = 8 candidate prefixes, each extended "
+                    "greedily; one chain is verified, and its acceptance "
+                    "hinges most on its first tokens. 1+4+8*15 = 125 nodes "
+                    "reach depth 16 within max_tree_nodes.")
+    max_tree_nodes: int = Field(
+        128, ge=2, le=4096,
+        description="Draft-tree size bound, root included (BFS stops when it "
+                    "is reached, cutting the deepest level first). 128 fits "
+                    "the default template at 16 draft tokens.")
+    min_path_prob: float = Field(
+        0.1, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="Drop tree nodes whose estimated acceptance probability "
+                    "(product of the stored target probabilities along the "
+                    "path) is below this: the draft is only as long as the "
+                    "matrix is confident. 0.1 = suffix_tree's min_token_prob, "
+                    "so both halves of suffix_recycling stop at the same "
+                    "expected gain per drafted token.")
+    max_vocab_size: int = Field(
+        262144, ge=1, le=16_777_216,
+        description="Memory bound: the matrix has at most this many rows "
+                    "(token ids at or above it are ignored). 262144 = 2^18 "
+                    "covers Llama 3 (128256), Qwen 2.5/3 (151936) and Gemma 2 "
+                    "(256000); at topk 8 the full matrix is 16 MiB.")
+    matrix_path: str | None = Field(
+        None,
+        description="If set and the file exists, load the matrix from it at "
+                    "construction (a bad file only logs a warning); save() "
+                    "writes this format.")
+
+    @field_validator("tree_breadth")
+    @classmethod
+    def _breadth_within_topk(cls, v: list[int], info: ValidationInfo) -> list[int]:
+        topk = info.data.get("topk")
+        for b in v:
+            if b < 1 or (topk is not None and b > topk):
+                raise ValueError(f"every value must be in 1..topk ({topk}), got {v}")
+        return v
+
+
+class SuffixRecyclingConfig(BaseModel):
+    """Settings of :class:`SuffixRecyclingProposer`: suffix tree when the
+    context repeats itself, Token Recycling otherwise (SAM-Decoding style)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    suffix_tree: SuffixTreeConfig = Field(
+        default_factory=SuffixTreeConfig,
+        description="Settings of the suffix-tree half (see method suffix_tree).")
+    token_recycling: TokenRecyclingConfig = Field(
+        default_factory=TokenRecyclingConfig,
+        description="Settings of the Token Recycling half (see method "
+                    "token_recycling).")
+    min_suffix_match: int = Field(
+        4, ge=1, le=1023,
+        description="Use the suffix-tree draft when its matched context "
+                    "suffix has at least this many tokens (and it drafted "
+                    "something); Token Recycling otherwise. Matches of 1-3 "
+                    "tokens occur by chance in any long context; 4+ usually "
+                    "means the text is being copied. At most "
+                    "suffix_tree.max_tree_depth-1 (the longest match).")
+
+    @field_validator("min_suffix_match")
+    @classmethod
+    def _reachable_match(cls, v: int, info: ValidationInfo) -> int:
+        st = info.data.get("suffix_tree")
+        if st is not None and v > st.max_tree_depth - 1:
+            raise ValueError(f"must be <= suffix_tree.max_tree_depth-1 "
+                             f"({st.max_tree_depth - 1}): longer matches are never found")
+        return v

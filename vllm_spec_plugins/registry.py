@@ -12,7 +12,11 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ValidationError
 
-from vllm_spec_plugins.config import SuffixTreeConfig
+from vllm_spec_plugins.config import (
+    SuffixRecyclingConfig,
+    SuffixTreeConfig,
+    TokenRecyclingConfig,
+)
 
 #: Key of the plugin's settings inside vLLM's ``additional_config``.
 CONFIG_KEY = "spec_plugins"
@@ -41,6 +45,14 @@ METHODS: dict[str, MethodEntry] = {
         "vllm_spec_plugins.proposers.suffix_tree:SuffixTreeProposer", SuffixTreeConfig,
         lossless=True,
         summary="SuffixDecoding: per-request + global suffix trees (model-free)"),
+    "token_recycling": MethodEntry(
+        "vllm_spec_plugins.proposers.token_recycling:TokenRecyclingProposer",
+        TokenRecyclingConfig, lossless=True,
+        summary="Token Recycling: drafts from the target's own past top-k (shared matrix)"),
+    "suffix_recycling": MethodEntry(
+        "vllm_spec_plugins.proposers.suffix_recycling:SuffixRecyclingProposer",
+        SuffixRecyclingConfig, lossless=True,
+        summary="suffix tree on a long context match, Token Recycling otherwise"),
 }
 
 

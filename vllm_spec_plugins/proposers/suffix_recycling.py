@@ -1,0 +1,130 @@
+"""Suffix tree + Token Recycling, switched per request per step (the idea of
+SAM-Decoding, arXiv 2411.10666: a retrieval drafter when the text repeats, a
+general drafter otherwise).
+
+* The context repeats itself (code edits, quoting, agent loops): a long
+  match of the context's suffix in the suffix trees predicts the next tokens
+  far better than any one-token-of-context statistic. Use the suffix draft
+  when its match is at least ``min_suffix_match`` tokens and it drafted
+  something.
+* Otherwise, Token Recycling's matrix of the target's own past top-k.
+* If Token Recycling has nothing either (cold matrix), the suffix draft of a
+  shorter match is still better than no draft: it already passed the suffix
+  tree's own probability threshold.
+
+Both halves see every lifecycle hook, so either is ready when chosen.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from vllm_spec_plugins.config import SuffixRecyclingConfig
+
+from .base import Proposer
+from .suffix_tree import SuffixTreeProposer
+from .token_recycling import TokenRecyclingProposer
+
+__all__ = ["SuffixRecyclingConfig", "SuffixRecyclingProposer", "state_paths"]
+
+
+def state_paths(path: str) -> tuple[str, str]:
+    """Files of a saved hybrid state: ``<stem>.suffix.npz`` (suffix tree's
+    global cache) and ``<stem>.recycling.npz`` (the matrix), where stem is
+    ``path`` without a trailing ``.npz``. Two files because each half keeps
+    its own format and atomic save; they are independent, so a crash
+    between the two writes leaves two valid (if unequally fresh) files."""
+    stem = path[:-4] if path.endswith(".npz") else path
+    return stem + ".suffix.npz", stem + ".recycling.npz"
+
+
+class SuffixRecyclingProposer(Proposer):
+    """Suffix-tree draft on a long context match, Token Recycling otherwise."""
+
+    def __init__(self, config: SuffixRecyclingConfig, num_speculative_tokens: int) -> None:
+        self.config = config
+        self.num_speculative_tokens = max(0, int(num_speculative_tokens))
+        self.suffix = SuffixTreeProposer(config.suffix_tree, num_speculative_tokens)
+        self.recycling = TokenRecyclingProposer(config.token_recycling, num_speculative_tokens)
+        self.target_topk = self.recycling.target_topk
+        self._min_match = int(config.min_suffix_match)
+        #: Rows drafted by each rule since construction (diagnostics):
+        #: suffix_tree = long match; token_recycling = short/no match;
+        #: suffix_tree_fallback = short match, recycling had nothing;
+        #: none = neither drafted anything.
+        self.choice_counts = {"suffix_tree": 0, "token_recycling": 0,
+                              "suffix_tree_fallback": 0, "none": 0}
+
+    # ---------------------------------------------------------- lifecycle
+    def on_request_start(self, req_id: str, prompt_token_ids: np.ndarray) -> None:
+        self.suffix.on_request_start(req_id, prompt_token_ids)
+        self.recycling.on_request_start(req_id, prompt_token_ids)
+
+    def on_tokens(self, req_id: str, new_token_ids: np.ndarray) -> None:
+        self.suffix.on_tokens(req_id, new_token_ids)
+        self.recycling.on_tokens(req_id, new_token_ids)
+
+    def on_target_topk(self, req_id: str, input_token_ids: np.ndarray,
+                       topk_ids: np.ndarray, topk_probs: np.ndarray) -> None:
+        self.suffix.on_target_topk(req_id, input_token_ids, topk_ids, topk_probs)
+        self.recycling.on_target_topk(req_id, input_token_ids, topk_ids, topk_probs)
+
+    def on_request_finish(self, req_id: str, aborted: bool = False) -> None:
+        try:
+            self.suffix.on_request_finish(req_id, aborted)
+        finally:
+            self.recycling.on_request_finish(req_id, aborted)
+
+    def num_active_requests(self) -> int:
+        return max(self.suffix.num_active_requests(), self.recycling.num_active_requests())
+
+    def warmup(self) -> None:
+        self.suffix.warmup()
+        self.recycling.warmup()
+
+    # ------------------------------------------------------------ drafting
+    def propose(self, req_id: str, context: np.ndarray, max_tokens: int) -> list[int]:
+        return self.propose_batch([(req_id, context, max_tokens)])[0]
+
+    def propose_batch(self, batch: Sequence[tuple[str, np.ndarray, int]]) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in batch]
+        fallback: dict[int, list[int]] = {}
+        rest: list[int] = []
+        for i, (req_id, ctx, k) in enumerate(batch):
+            toks, _score, match_len = self.suffix.propose_scored(req_id, ctx, k)
+            if toks and match_len >= self._min_match:
+                out[i] = toks
+                self.choice_counts["suffix_tree"] += 1
+            else:
+                if toks:
+                    fallback[i] = toks
+                rest.append(i)
+        if rest:
+            drafts = self.recycling.propose_batch([batch[i] for i in rest])
+            for i, d in zip(rest, drafts):
+                if d:
+                    out[i] = d
+                    self.choice_counts["token_recycling"] += 1
+                elif i in fallback:
+                    out[i] = fallback[i]
+                    self.choice_counts["suffix_tree_fallback"] += 1
+                else:
+                    self.choice_counts["none"] += 1
+        return out
+
+    # --------------------------------------------------------- persistence
+    def save(self, path: str) -> None:
+        """Write both halves' state, see :func:`state_paths`."""
+        suffix_path, recycling_path = state_paths(path)
+        self.suffix.save(suffix_path)
+        self.recycling.save(recycling_path)
+
+    def load(self, path: str) -> bool:
+        """Load both halves from :func:`state_paths`; a missing or bad file
+        logs a warning and leaves that half as it was. True if both loaded."""
+        suffix_path, recycling_path = state_paths(path)
+        ok_suffix = self.suffix.load(suffix_path)
+        ok_recycling = self.recycling.load(recycling_path)
+        return ok_suffix and ok_recycling

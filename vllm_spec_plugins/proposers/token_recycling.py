@@ -1,0 +1,566 @@
+"""Token Recycling (arXiv 2408.08696): drafts from the target's own past top-k.
+
+Every verification step the target model computes a next-token distribution
+for every input token (the last token and the drafts); its top-k candidates
+are usually thrown away. Token Recycling keeps them: an adjacency matrix
+``[vocab, k]`` holds, for each token ``t``, the top-k next tokens (and here
+their probabilities) the target produced the last time ``t`` was an input.
+Drafting is a breadth-first search over that matrix from the last context
+token, shaped by a static breadth-per-depth template, which gives a draft
+tree.
+
+vLLM 0.32 verifies one linear chain per request, so :func:`best_chain` picks
+the root-to-node path of the tree with the largest expected number of
+accepted tokens; the tree itself (:class:`DraftTree`) stays a first-class
+object so tree verification can use it later.
+
+The matrix is shared by all requests (it warms up with traffic, and can be
+saved and reloaded), so per-request state is only the set of live request
+ids. No prompt-derived cold start: a guess from the prompt is not the
+target's top-k, and putting it in the matrix would make the stored
+probabilities (which drive chain selection and the draft length) meaningless.
+Copying from the context is the suffix tree's job; ``suffix_recycling``
+combines the two with an explicit switch.
+
+Hot paths are numba ``@njit(cache=True)`` kernels; :meth:`propose_batch`
+drafts all rows of a step in one kernel call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from numba import njit
+
+from vllm_spec_plugins.config import TokenRecyclingConfig
+
+from .base import Proposer
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TokenRecyclingConfig",
+    "AdjacencyMatrix",
+    "DraftTree",
+    "best_chain",
+    "TokenRecyclingProposer",
+    "MATRIX_FORMAT_VERSION",
+    "warmup",
+]
+
+MATRIX_FORMAT_VERSION = 1
+_INITIAL_ROWS = 1024
+
+
+# ------------------------------------------------------------------ kernels
+@njit(cache=True)
+def _update(ids, probs, inputs, cand_ids, cand_probs, vocab):
+    """Overwrite the row of every input token with its candidates.
+
+    Rows are processed in order, so a token that appears twice in one window
+    keeps the later row (the more recent context). Candidates are filtered
+    (id in [0, vocab), 0 < prob; prob clipped to 1; NaN dropped; a repeated
+    candidate keeps its best probability, ranked where that occurred) and
+    stored best first (stable on ties), keeping the ``k`` best."""
+    rows = ids.shape[0]
+    k = ids.shape[1]
+    kin = cand_ids.shape[1]
+    buf_t = np.empty(k, np.int32)
+    buf_p = np.empty(k, np.float32)
+    for j in range(inputs.shape[0]):
+        t = inputs[j]
+        if t < 0 or t >= rows:
+            continue
+        m = 0
+        for r in range(kin):
+            c = cand_ids[j, r]
+            p = cand_probs[j, r]
+            if c < 0 or c >= vocab or not (p > 0.0):
+                continue
+            if p > 1.0:
+                p = 1.0
+            # A candidate listed twice counts once, with its best probability
+            # (a real top-k has no repeats; a duplicate would waste tree nodes).
+            dup = -1
+            for q in range(m):
+                if buf_t[q] == c:
+                    dup = q
+                    break
+            if dup >= 0:
+                if buf_p[dup] >= p:
+                    continue
+                for q in range(dup, m - 1):
+                    buf_t[q] = buf_t[q + 1]
+                    buf_p[q] = buf_p[q + 1]
+                m -= 1
+            if m < k:
+                pos = m
+                m += 1
+            elif p > buf_p[k - 1]:
+                pos = k - 1
+            else:
+                continue
+            while pos > 0 and buf_p[pos - 1] < p:
+                buf_t[pos] = buf_t[pos - 1]
+                buf_p[pos] = buf_p[pos - 1]
+                pos -= 1
+            buf_t[pos] = c
+            buf_p[pos] = p
+        for r in range(k):
+            if r < m:
+                ids[t, r] = buf_t[r]
+                probs[t, r] = buf_p[r]
+            else:
+                ids[t, r] = -1
+                probs[t, r] = 0.0
+
+
+@njit(cache=True)
+def _bfs(ids, probs, root, max_depth, breadth, max_nodes, min_prob,
+         tok, par, dep, pp):
+    """Breadth-first draft tree from ``root``; returns the node count.
+
+    Node 0 is the root. A node at depth d gets the first breadth[d] (last
+    value repeats) candidates of its token's row whose path probability
+    stays >= min_prob; rows are sorted best first, so the first candidate
+    below the threshold ends the row. Nodes are in BFS order: parents before
+    children, shallower before deeper; max_nodes cuts the deepest level."""
+    rows = ids.shape[0]
+    k = ids.shape[1]
+    nb = breadth.shape[0]
+    tok[0] = root
+    par[0] = -1
+    dep[0] = 0
+    pp[0] = 1.0
+    n = 1
+    head = 0
+    while head < n:
+        u = head
+        head += 1
+        d = dep[u]
+        if d >= max_depth:
+            break  # BFS order: every later node is at least as deep
+        t = tok[u]
+        if t < 0 or t >= rows:
+            continue
+        b = breadth[d] if d < nb else breadth[nb - 1]
+        if b > k:
+            b = k
+        for r in range(b):
+            c = ids[t, r]
+            if c < 0:
+                break
+            p = pp[u] * probs[t, r]
+            if not (p > 0.0) or p < min_prob:
+                break
+            if n >= max_nodes:
+                return n
+            tok[n] = c
+            par[n] = u
+            dep[n] = d + 1
+            pp[n] = p
+            n += 1
+    return n
+
+
+@njit(cache=True)
+def _best_node(par, pp, n, min_prob, gain):
+    """Node ending the root path with the largest sum of path probabilities
+    (= expected accepted tokens of that chain); 0 (root) if none. A node is
+    eligible only if it and all its ancestors have path_prob >= min_prob.
+    Ties keep the earlier node (BFS order: shallower, higher-ranked)."""
+    gain[0] = 0.0
+    best = 0
+    best_gain = 0.0
+    for i in range(1, n):
+        p = par[i]
+        if gain[p] < 0.0 or not (pp[i] > 0.0) or pp[i] < min_prob:
+            gain[i] = -1.0  # ineligible, and so is its subtree
+            continue
+        g = gain[p] + pp[i]
+        gain[i] = g
+        if g > best_gain:
+            best_gain = g
+            best = i
+    return best
+
+
+@njit(cache=True)
+def _propose_rows(ids, probs, roots, caps, breadth, max_nodes, min_prob,
+                  out, lens, tok, par, dep, pp, gain):
+    """Build the tree and write the best chain for each row (one call per step)."""
+    for b in range(roots.shape[0]):
+        lens[b] = 0
+        if caps[b] <= 0 or roots[b] < 0:
+            continue
+        n = _bfs(ids, probs, roots[b], caps[b], breadth, max_nodes, min_prob,
+                 tok, par, dep, pp)
+        v = _best_node(par, pp, n, min_prob, gain)
+        L = dep[v]
+        lens[b] = L
+        while v > 0:
+            L -= 1
+            out[b, L] = tok[v]
+            v = par[v]
+
+
+# ------------------------------------------------------------------- matrix
+class AdjacencyMatrix:
+    """For each token id, the target's top-k next tokens (best first) and
+    their probabilities, from the last time that token was a target input.
+
+    ``ids`` int32 [rows, k] (-1 = empty), ``probs`` float32 [rows, k]. Rows
+    are allocated lazily (capacity doubles up to ``max_vocab_size``), so
+    memory never exceeds ``max_vocab_size * k * 8`` bytes. Token ids outside
+    ``[0, max_vocab_size)`` are ignored, as inputs and as candidates."""
+
+    def __init__(self, k: int = 8, max_vocab_size: int = 262144,
+                 initial_rows: int = _INITIAL_ROWS) -> None:
+        if int(k) < 1 or int(max_vocab_size) < 1:
+            raise ValueError("k and max_vocab_size must be >= 1")
+        self.k = int(k)
+        self.max_vocab_size = int(max_vocab_size)
+        self._alloc(min(self.max_vocab_size, max(1, int(initial_rows))))
+
+    def _alloc(self, rows: int) -> None:
+        self.ids = np.full((rows, self.k), -1, np.int32)
+        self.probs = np.zeros((rows, self.k), np.float32)
+
+    def _grow_to(self, need_rows: int) -> None:
+        old = self.ids.shape[0]
+        if need_rows <= old:
+            return
+        new = min(self.max_vocab_size, max(need_rows, 2 * old))
+        ids, probs = self.ids, self.probs
+        self._alloc(new)
+        self.ids[:old] = ids
+        self.probs[:old] = probs
+
+    def clear(self) -> None:
+        self._alloc(min(self.max_vocab_size, _INITIAL_ROWS))
+
+    # ------------------------------------------------------------ update
+    def update(self, input_ids, topk_ids, topk_probs) -> None:
+        """Overwrite the rows of ``input_ids`` [n] with ``topk_ids`` /
+        ``topk_probs`` [n, k'] (any k': the k best valid candidates are kept,
+        sorted best first). A token repeated in ``input_ids`` keeps its
+        *last* row (the most recent context wins). Out-of-range input ids
+        are skipped; out-of-range candidate ids, and candidates with a
+        probability that is not > 0, are dropped; probabilities above 1 are
+        clipped; a candidate repeated within a row keeps its best
+        probability."""
+        inp = np.ascontiguousarray(input_ids, dtype=np.int64).reshape(-1)
+        cid = np.ascontiguousarray(topk_ids, dtype=np.int64)
+        cpr = np.ascontiguousarray(topk_probs, dtype=np.float32)
+        if cid.ndim != 2 or cpr.shape != cid.shape or cid.shape[0] != inp.shape[0]:
+            raise ValueError(
+                f"update: need input_ids [n] with topk_ids/topk_probs [n, k'], got "
+                f"{inp.shape}, {np.shape(topk_ids)}, {np.shape(topk_probs)}")
+        if inp.shape[0] == 0:
+            return
+        valid = inp[(inp >= 0) & (inp < self.max_vocab_size)]
+        if valid.size:
+            self._grow_to(int(valid.max()) + 1)
+        _update(self.ids, self.probs, inp, cid, cpr, self.max_vocab_size)
+
+    def row(self, token: int) -> tuple[list[int], list[float]]:
+        """(candidate ids, probabilities) of ``token``, best first."""
+        if not 0 <= token < self.ids.shape[0]:
+            return [], []
+        m = self.ids[token] >= 0
+        return self.ids[token][m].tolist(), self.probs[token][m].tolist()
+
+    # ------------------------------------------------------------- sizes
+    @property
+    def rows_allocated(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def rows_filled(self) -> int:
+        """Tokens that have a row (were a target input at least once)."""
+        return int(np.count_nonzero(self.ids[:, 0] >= 0))
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.ids.nbytes + self.probs.nbytes)
+
+    @property
+    def max_nbytes(self) -> int:
+        """Upper bound of ``nbytes``: every row allocated."""
+        return self.max_vocab_size * self.k * (4 + 4)
+
+    # ------------------------------------------------------- persistence
+    def save(self, path: str) -> None:
+        """Write the filled rows as one .npz, atomically (temp + replace)."""
+        filled = np.flatnonzero(self.ids[:, 0] >= 0)
+        n = int(filled[-1]) + 1 if filled.size else 0
+        d = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".recycling_matrix.", suffix=".tmp", dir=d)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, version=np.int64(MATRIX_FORMAT_VERSION),
+                         k=np.int64(self.k), ids=self.ids[:n], probs=self.probs[:n])
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def load(self, path: str) -> None:
+        """Replace the contents with the matrix saved at ``path``.
+
+        Raises OSError if the file cannot be read and ValueError (saying
+        what is wrong) if it is not a valid matrix file of this ``k``; the
+        current contents are kept then. Rows and candidates at or above
+        ``max_vocab_size`` are dropped; rows are re-sorted best first."""
+        try:
+            z = np.load(path, allow_pickle=False)
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 - zip/pickle/format errors
+            raise ValueError(f"{path}: not a token-recycling matrix file ({e})") from e
+        try:
+            with z:
+                missing = {"version", "k", "ids", "probs"} - set(z.files)
+                if missing:
+                    raise ValueError(f"missing arrays {sorted(missing)}")
+                version = int(z["version"])
+                if version != MATRIX_FORMAT_VERSION:
+                    raise ValueError(f"format version {version}, expected "
+                                     f"{MATRIX_FORMAT_VERSION}")
+                k = int(z["k"])
+                ids = np.asarray(z["ids"])
+                probs = np.asarray(z["probs"])
+        except ValueError as e:
+            raise ValueError(f"{path}: bad token-recycling matrix file: {e}") from None
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{path}: bad token-recycling matrix file: {e}") from e
+
+        def bad(msg: str) -> ValueError:
+            return ValueError(f"{path}: bad token-recycling matrix file: {msg}")
+
+        if k != self.k:
+            raise bad(f"saved with k={k}, this matrix has k={self.k} (topk setting)")
+        if ids.ndim != 2 or ids.shape[1] != k:
+            raise bad(f"ids must have shape [rows, {k}], got {ids.shape}")
+        if probs.shape != ids.shape:
+            raise bad(f"probs shape {probs.shape} != ids shape {ids.shape}")
+        if ids.dtype.kind not in "iu" or probs.dtype.kind != "f":
+            raise bad(f"ids must be integer and probs float, got {ids.dtype}, {probs.dtype}")
+        if ids.size and (int(ids.min()) < -1 or int(ids.max()) > np.iinfo(np.int32).max):
+            raise bad("ids out of range")
+        if probs.size and not (np.isfinite(probs).all() and probs.min() >= 0
+                               and probs.max() <= 1):
+            raise bad("probs must be finite and in [0, 1]")
+        rows = min(ids.shape[0], self.max_vocab_size)
+        if rows < ids.shape[0]:
+            logger.info("%s: dropping %d rows at or above max_vocab_size=%d", path,
+                        ids.shape[0] - rows, self.max_vocab_size)
+        old_ids, old_probs = self.ids, self.probs
+        self._alloc(max(rows, min(self.max_vocab_size, _INITIAL_ROWS)))
+        try:
+            _update(self.ids, self.probs, np.arange(rows, dtype=np.int64),
+                    ids[:rows].astype(np.int64), probs[:rows].astype(np.float32),
+                    self.max_vocab_size)
+        except BaseException:
+            self.ids, self.probs = old_ids, old_probs
+            raise
+
+
+# --------------------------------------------------------------- draft tree
+@dataclass
+class DraftTree:
+    """A draft tree in BFS order: node 0 is the root (the last context
+    token, not a draft); ``parent[i] < i`` for every other node.
+
+    ``path_prob[i]`` = product of the stored target probabilities from the
+    root to node i = estimated probability that the whole path to i is
+    accepted. Nodes below ``min_path_prob`` were never added (and are never
+    chosen by :func:`best_chain` if a hand-built tree has them)."""
+
+    token: np.ndarray  # int32 [n]
+    parent: np.ndarray  # int32 [n], -1 for the root
+    depth: np.ndarray  # int32 [n]
+    path_prob: np.ndarray  # float64 [n]
+    min_path_prob: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.token = np.asarray(self.token, np.int32)
+        self.parent = np.asarray(self.parent, np.int32)
+        self.depth = np.asarray(self.depth, np.int32)
+        self.path_prob = np.asarray(self.path_prob, np.float64)
+        n = self.token.shape[0]
+        if not (n >= 1 and self.parent.shape == self.depth.shape
+                == self.path_prob.shape == (n,)):
+            raise ValueError("token/parent/depth/path_prob must be 1-D, same length >= 1")
+        if self.parent[0] != -1 or self.depth[0] != 0:
+            raise ValueError("node 0 must be the root (parent -1, depth 0)")
+        idx = np.arange(1, n)
+        if n > 1 and not ((self.parent[1:] >= 0).all() and (self.parent[1:] < idx).all()
+                          and (self.depth[1:] == self.depth[self.parent[1:]] + 1).all()):
+            raise ValueError("every node's parent must come before it, one level up")
+
+    @classmethod
+    def build(cls, matrix: AdjacencyMatrix, root_token: int, max_depth: int,
+              tree_breadth: Sequence[int], max_nodes: int,
+              min_path_prob: float) -> "DraftTree":
+        """BFS from ``root_token`` over ``matrix``: a node at depth d gets the
+        ``tree_breadth[d]`` best candidates of its token (last value repeats)
+        whose path probability is >= ``min_path_prob``; depth <= max_depth,
+        at most ``max_nodes`` nodes (root included)."""
+        max_nodes = max(1, int(max_nodes))
+        tok = np.empty(max_nodes, np.int32)
+        par = np.empty(max_nodes, np.int32)
+        dep = np.empty(max_nodes, np.int32)
+        pp = np.empty(max_nodes, np.float64)
+        n = _bfs(matrix.ids, matrix.probs, np.int64(root_token), np.int64(max_depth),
+                 np.asarray(tree_breadth, np.int64), np.int64(max_nodes),
+                 float(min_path_prob), tok, par, dep, pp)
+        return cls(tok[:n].copy(), par[:n].copy(), dep[:n].copy(), pp[:n].copy(),
+                   float(min_path_prob))
+
+    def __len__(self) -> int:
+        return int(self.token.shape[0])
+
+    def children(self, node: int) -> list[int]:
+        return np.flatnonzero(self.parent == node).tolist()
+
+    def path(self, node: int) -> list[int]:
+        """Draft tokens from the root (excluded) to ``node`` (included)."""
+        out = []
+        while node > 0:
+            out.append(int(self.token[node]))
+            node = int(self.parent[node])
+        return out[::-1]
+
+    def paths(self) -> dict[tuple[int, ...], float]:
+        """Every root path (as a token tuple) with its path probability."""
+        return {tuple(self.path(i)): float(self.path_prob[i]) for i in range(1, len(self))}
+
+
+def best_chain(tree: DraftTree) -> list[int]:
+    """The root path of ``tree`` with the most expected accepted tokens.
+
+    Chain verification accepts a prefix of the draft: token i counts only if
+    tokens 1..i are all accepted, with estimated probability path_prob(i).
+    So a chain's expected accepted length is the sum of path_prob along it,
+    accumulated root-down in one pass over the BFS order (a DP over the
+    tree); the best chain ends at the node with the largest sum. This is not
+    always the greedy top-1 path: a slightly less likely first token with a
+    confident continuation can be worth more."""
+    gain = np.empty(len(tree), np.float64)
+    v = _best_node(tree.parent, tree.path_prob, np.int64(len(tree)),
+                   float(tree.min_path_prob), gain)
+    return tree.path(int(v))
+
+
+# ----------------------------------------------------------------- proposer
+class TokenRecyclingProposer(Proposer):
+    """Token Recycling: drafts from a shared matrix of the target's past top-k."""
+
+    def __init__(self, config: TokenRecyclingConfig, num_speculative_tokens: int) -> None:
+        self.config = config
+        self.num_speculative_tokens = max(0, int(num_speculative_tokens))
+        self.target_topk = int(config.topk)
+        self.matrix = AdjacencyMatrix(config.topk, config.max_vocab_size)
+        self._breadth = np.asarray(config.tree_breadth, np.int64)
+        self._max_nodes = int(config.max_tree_nodes)
+        self._min_prob = float(config.min_path_prob)
+        # Scratch for the kernels, reused every step (one tree at a time).
+        self._tok = np.empty(self._max_nodes, np.int32)
+        self._par = np.empty(self._max_nodes, np.int32)
+        self._dep = np.empty(self._max_nodes, np.int32)
+        self._pp = np.empty(self._max_nodes, np.float64)
+        self._gain = np.empty(self._max_nodes, np.float64)
+        self._active: set[str] = set()
+        if config.matrix_path and os.path.exists(config.matrix_path):
+            self.load(config.matrix_path)
+
+    # ---------------------------------------------------------- lifecycle
+    def on_request_start(self, req_id: str, prompt_token_ids: np.ndarray) -> None:
+        self._active.add(req_id)
+
+    def on_tokens(self, req_id: str, new_token_ids: np.ndarray) -> None:
+        pass  # everything it learns comes through on_target_topk
+
+    def on_target_topk(self, req_id: str, input_token_ids: np.ndarray,
+                       topk_ids: np.ndarray, topk_probs: np.ndarray) -> None:
+        self.matrix.update(input_token_ids, topk_ids, topk_probs)
+
+    def on_request_finish(self, req_id: str, aborted: bool = False) -> None:
+        self._active.discard(req_id)
+
+    def num_active_requests(self) -> int:
+        return len(self._active)
+
+    # ------------------------------------------------------------ drafting
+    def draft_tree(self, context: np.ndarray, max_tokens: int) -> DraftTree:
+        """The full draft tree for ``context`` (for tree verification and
+        inspection; ``propose`` uses the same kernels without building it)."""
+        k = min(int(max_tokens), self.num_speculative_tokens)
+        root = int(context[-1]) if len(context) else -1
+        return DraftTree.build(self.matrix, root, max(k, 0), self._breadth,
+                               self._max_nodes, self._min_prob)
+
+    def propose(self, req_id: str, context: np.ndarray, max_tokens: int) -> list[int]:
+        return self.propose_batch([(req_id, context, max_tokens)])[0]
+
+    def propose_batch(self, batch: Sequence[tuple[str, np.ndarray, int]]) -> list[list[int]]:
+        nb = len(batch)
+        roots = np.empty(nb, np.int64)
+        caps = np.empty(nb, np.int64)
+        cap_all = self.num_speculative_tokens
+        for i, (_rid, ctx, k) in enumerate(batch):
+            roots[i] = ctx[-1] if len(ctx) else -1
+            caps[i] = k if k < cap_all else cap_all
+        width = int(caps.max()) if nb else 0
+        if width <= 0:
+            return [[] for _ in range(nb)]
+        out = np.empty((nb, width), np.int32)
+        lens = np.empty(nb, np.int64)
+        _propose_rows(self.matrix.ids, self.matrix.probs, roots, caps, self._breadth,
+                      self._max_nodes, self._min_prob, out, lens, self._tok, self._par,
+                      self._dep, self._pp, self._gain)
+        return [out[i, :lens[i]].tolist() for i in range(nb)]
+
+    # --------------------------------------------------------- persistence
+    def save(self, path: str) -> None:
+        """Write the matrix (atomic .npz, see AdjacencyMatrix.save)."""
+        self.matrix.save(path)
+
+    def load(self, path: str) -> bool:
+        """Replace the matrix with the one at ``path``. A missing, corrupt or
+        mismatched file logs a warning and keeps the current matrix; returns
+        whether it loaded."""
+        try:
+            self.matrix.load(path)
+        except (OSError, ValueError) as e:
+            logger.warning("Ignoring token-recycling matrix file %s: %s", path, e)
+            return False
+        return True
+
+    def warmup(self) -> None:
+        warmup()
+
+
+# ===================================================================== warmup
+def warmup() -> None:
+    """Compile (or load from numba's on-disk cache) every kernel, with the
+    argument types the proposer uses."""
+    m = AdjacencyMatrix(2, 16, initial_rows=4)
+    m.update(np.array([1, 2], np.int32), np.array([[2, 3], [1, 3]], np.int32),
+             np.array([[0.6, 0.3], [0.9, 0.05]], np.float32))
+    p = TokenRecyclingProposer(TokenRecyclingConfig(topk=2, tree_breadth=[2, 1],
+                                                    max_tree_nodes=8), 4)
+    p.matrix = m
+    p.propose_batch([("w", np.array([1], np.int32), 4)])
+    best_chain(DraftTree.build(m, 1, 4, [2, 1], 8, 0.0))
