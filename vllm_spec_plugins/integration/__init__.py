@@ -118,7 +118,11 @@ def _install_runner_patches() -> None:
       before vLLM drops them; the drafter frees their state.
     * ``propose_draft_token_ids``: hands the drafter the runner (for request
       ids by batch row) and the scheduler's per-step draft budget.
-    Both patches do nothing unless the runner's drafter is a PluginDrafter.
+    * ``_sample``: where the target's logits of every verified position are
+      (rejection sampler or plain sampler); a proposer that wants the target's
+      top-k (``Proposer.target_topk``) gets it from here, without an extra
+      forward pass.
+    All patches do nothing unless the runner's drafter is a PluginDrafter.
     """
     global _PATCHED
     with _PATCH_LOCK:
@@ -128,6 +132,7 @@ def _install_runner_patches() -> None:
 
         orig_update = GPUModelRunner._update_states
         orig_propose = GPUModelRunner.propose_draft_token_ids
+        orig_sample = GPUModelRunner._sample
 
         def _update_states(self, scheduler_output, *args, **kwargs):
             drafter = getattr(self, "drafter", None)
@@ -145,8 +150,15 @@ def _install_runner_patches() -> None:
                     getattr(scheduler_output, "num_spec_tokens_to_schedule", 0) or 0)
             return orig_propose(self, scheduler_output, *args, **kwargs)
 
+        def _sample(self, logits, spec_decode_metadata, *args, **kwargs):
+            drafter = getattr(self, "drafter", None)
+            if isinstance(drafter, PluginDrafter) and drafter.topk_width > 0:
+                drafter.capture_target_topk(self, logits, spec_decode_metadata)
+            return orig_sample(self, logits, spec_decode_metadata, *args, **kwargs)
+
         GPUModelRunner._update_states = _update_states
         GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids
+        GPUModelRunner._sample = _sample
         _PATCHED = True
 
 
@@ -179,11 +191,15 @@ class PluginDrafter:
         self._step_budget = 0
         self._tracks: dict[str, _RequestTrack] = {}
         self.stats = {"steps": 0, "rows": 0, "drafted_tokens": 0, "propose_seconds": 0.0,
-                      "errors": 0, "finished": 0}
-        self._cache_path = getattr(self.config, "cache_path", None)
+                      "errors": 0, "finished": 0, "capture_seconds": 0.0, "captured_rows": 0}
+        # Target top-k of this step's verified positions, by request id; rebuilt
+        # every step, so it never holds more than one step's batch.
+        self.topk_width = max(0, int(getattr(self.proposer, "target_topk", 0) or 0))
+        self._topk_stash: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        # Proposers with a state file in their settings save it every
+        # _autosave_every finished requests and at exit (Proposer.save_state).
         self._autosave_every = 256
-        if self._cache_path:
-            atexit.register(self.save_cache)
+        atexit.register(self.save_cache)
         _install_runner_patches()
         logger.info("vllm-spec-plugins: method=%s k=%d config=%s", self.method,
                     self.num_speculative_tokens, self.config.model_dump())
@@ -204,21 +220,91 @@ class PluginDrafter:
         except Exception:
             self._report_error(req_id, "on_request_finish")
         self.stats["finished"] += 1
-        if self._cache_path and self.stats["finished"] % self._autosave_every == 0:
+        if self.stats["finished"] % self._autosave_every == 0:
             self.save_cache()
 
     def save_cache(self) -> None:
+        """Save the proposer's cross-request state where its settings say."""
         try:
-            self.proposer.save(self._cache_path)
+            self.proposer.save_state()
         except Exception:
-            logger.warning("vllm-spec-plugins: could not save cache to %s:\n%s",
-                           self._cache_path, traceback.format_exc())
+            logger.warning("vllm-spec-plugins: could not save the %s state:\n%s",
+                           self.method, traceback.format_exc())
 
     def _report_error(self, req_id: str, where: str) -> None:
         self.stats["errors"] += 1
         logger.warning("vllm-spec-plugins: proposer %s failed in %s for request %s; "
                        "this request drafts nothing from now on:\n%s",
                        self.method, where, req_id, traceback.format_exc())
+
+    # -- the target's top-k (called from the runner's _sample) --------------
+    def capture_target_topk(self, runner: Any, logits: Any, spec_decode_metadata: Any) -> None:
+        """Stash, per request, the target's top-k at each position of this step.
+
+        Logit rows: without drafts in the batch, one per request (its last
+        token); with drafts, request i owns the rows cu_num_sampled_tokens[i-1]
+        .. cu_num_sampled_tokens[i]-1, one per draft then the bonus position.
+        A failure here disables the capture (drafting goes on without it)."""
+        self._topk_stash = {}
+        if logits is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            import torch
+
+            req_ids = runner.input_batch.req_ids
+            k = min(self.topk_width, int(logits.shape[-1]))
+            with torch.no_grad():
+                vals, ids = torch.topk(logits, k, dim=-1)
+                lse = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+                probs = torch.exp(vals.float() - lse)
+            ids_np = ids.to("cpu").numpy().astype(np.int32, copy=False)
+            probs_np = probs.to("cpu").numpy().astype(np.float32, copy=False)
+            stash: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+            no_drafts = np.zeros(0, dtype=np.int32)
+            if spec_decode_metadata is None:
+                if ids_np.shape[0] != len(req_ids):
+                    return
+                for i, rid in enumerate(req_ids):
+                    if rid is not None:
+                        stash[rid] = (no_drafts, ids_np[i:i + 1], probs_np[i:i + 1])
+            else:
+                cu_s = spec_decode_metadata.cu_num_sampled_tokens.to("cpu").numpy()
+                drafts = spec_decode_metadata.draft_token_ids.to("cpu").numpy().astype(np.int32)
+                n_drafts = spec_decode_metadata.num_draft_tokens
+                if len(n_drafts) != len(req_ids) or int(cu_s[-1]) != ids_np.shape[0]:
+                    return
+                d0 = 0
+                for i, rid in enumerate(req_ids):
+                    r0 = int(cu_s[i - 1]) if i else 0
+                    r1 = int(cu_s[i])
+                    nd = int(n_drafts[i])
+                    if rid is not None and r1 - r0 == nd + 1:
+                        stash[rid] = (drafts[d0:d0 + nd], ids_np[r0:r1], probs_np[r0:r1])
+                    d0 += nd
+            self._topk_stash = stash
+            self.stats["captured_rows"] += int(ids_np.shape[0])
+        except Exception:
+            self.topk_width = 0
+            self.stats["errors"] += 1
+            logger.warning("vllm-spec-plugins: capturing the target's top-k failed; %s drafts "
+                           "without it from now on:\n%s", self.method, traceback.format_exc())
+        finally:
+            self.stats["capture_seconds"] += time.perf_counter() - t0
+
+    def _feed_target_topk(self, req_id: str, row: int, n_sampled: int, n: int,
+                          token_ids_cpu: np.ndarray) -> None:
+        cap = self._topk_stash.pop(req_id, None)
+        if cap is None:
+            return
+        drafts, ids, probs = cap
+        first = n - n_sampled - 1  # the token before this step's verification window
+        if first < 0 or ids.shape[0] != drafts.shape[0] + 1:
+            return
+        inputs = np.empty(drafts.shape[0] + 1, dtype=np.int32)
+        inputs[0] = token_ids_cpu[row, first]
+        inputs[1:] = drafts
+        self.proposer.on_target_topk(req_id, inputs, ids, probs)
 
     # -- the per-step hook -------------------------------------------------
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
@@ -251,6 +337,8 @@ class PluginDrafter:
                     self.proposer.on_request_start(req_id, token_ids_cpu[i, :n_prompt].copy())
                 if track.broken:
                     continue
+                if self.topk_width:
+                    self._feed_target_topk(req_id, i, len(sampled), n, token_ids_cpu)
                 if n > track.num_seen:
                     self.proposer.on_tokens(req_id, token_ids_cpu[i, track.num_seen:n].copy())
                     track.num_seen = n
@@ -285,8 +373,11 @@ class PluginDrafter:
         return drafts
 
     def snapshot(self) -> dict[str, Any]:
+        # a proposer's own diagnostics (e.g. the hybrid's choice counts)
+        stats = getattr(self.proposer, "stats", None) or getattr(self.proposer, "choice_counts", None)
         return {"method": self.method, "tracked_requests": len(self._tracks),
                 "proposer_active_requests": self.proposer.num_active_requests(),
+                "proposer_stats": dict(stats) if isinstance(stats, dict) else None,
                 **self.stats}
 
 

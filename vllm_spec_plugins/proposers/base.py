@@ -70,6 +70,12 @@ class Proposer(abc.ABC):
     def load(self, path: str) -> None:  # pragma: no cover - default no-op
         raise NotImplementedError(f"{type(self).__name__} has no state to load")
 
+    def save_state(self) -> bool:
+        """Save cross-request state to the path(s) its settings name, if any
+        (the integration layer calls this periodically and at exit). Returns
+        whether a path was configured."""
+        return False
+
     def warmup(self) -> None:
         """Compile/prepare before serving (called once by the integration layer)."""
 

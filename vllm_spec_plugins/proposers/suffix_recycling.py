@@ -115,6 +115,13 @@ class SuffixRecyclingProposer(Proposer):
         return out
 
     # --------------------------------------------------------- persistence
+    def save_state(self) -> bool:
+        """Each half to the path its own settings name (suffix_tree.cache_path,
+        token_recycling.matrix_path), where it also loads from at start."""
+        saved_suffix = self.suffix.save_state()
+        saved_recycling = self.recycling.save_state()
+        return saved_suffix or saved_recycling
+
     def save(self, path: str) -> None:
         """Write both halves' state, see :func:`state_paths`."""
         suffix_path, recycling_path = state_paths(path)

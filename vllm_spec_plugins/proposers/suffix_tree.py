@@ -1078,6 +1078,12 @@ class SuffixTreeProposer(Proposer):
         """The cached responses, oldest first."""
         return [self._global.sequence_tokens(s) for s in self._order]
 
+    def save_state(self) -> bool:
+        if not self.config.cache_path:
+            return False
+        self.save(self.config.cache_path)
+        return True
+
     def save(self, path: str) -> None:
         """Write the global cache as one .npz, atomically (temp + replace)."""
         resp = self.cached_responses()

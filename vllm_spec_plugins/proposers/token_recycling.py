@@ -533,6 +533,12 @@ class TokenRecyclingProposer(Proposer):
         return [out[i, :lens[i]].tolist() for i in range(nb)]
 
     # --------------------------------------------------------- persistence
+    def save_state(self) -> bool:
+        if not self.config.matrix_path:
+            return False
+        self.save(self.config.matrix_path)
+        return True
+
     def save(self, path: str) -> None:
         """Write the matrix (atomic .npz, see AdjacencyMatrix.save)."""
         self.matrix.save(path)
