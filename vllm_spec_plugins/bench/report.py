@@ -129,6 +129,31 @@ def main_table(rows: Sequence[dict], baseline: str = BASELINE) -> str:
     return markdown_table(headers, body, align)
 
 
+def speedup_pivot(rows: Sequence[dict], baseline: str = BASELINE) -> str:
+    """One line per (workload, scenario), one column per method: the median
+    speedup over the baseline and the mean acceptance length (τ)."""
+    methods: list[str] = []
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for r in rows:
+        if r["method"] == baseline:
+            continue
+        if r["method"] not in methods:
+            methods.append(r["method"])
+        if r["status"] != "ok" or r["speedup"] is None:
+            text = "FAILED" if r["status"] != "ok" else DASH
+        else:
+            text = f"{r['speedup']:.2f}x"
+            if r["mean_acceptance_length"] is not None:
+                text += f" (τ {r['mean_acceptance_length']:.1f})"
+            if not r.get("lossless", True) and r.get("task_score") is not None:
+                text += f" [{100 * r['task_score']:.0f}%]"
+        cells.setdefault((r["workload"], r["scenario"]), {})[r["method"]] = text
+    if not methods:
+        return "_(no speculative method)_"
+    body = [[w, s] + [c.get(m, DASH) for m in methods] for (w, s), c in cells.items()]
+    return markdown_table(["workload", "scenario"] + methods, body, ["l", "l"] + ["r"] * len(methods))
+
+
 def acceptance_by_method(rows: Sequence[dict]) -> dict[tuple[str, str], dict[str, Any]]:
     """(workload, method) -> acceptance summed over scenarios."""
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -189,7 +214,9 @@ def render_report(settings: dict[str, Any], rows: Sequence[dict], runs: Sequence
     if lossy:
         lines += ["", f"**LOSSY methods: {', '.join(lossy)}** — their outputs may differ from the "
                   "target model's; read their task score next to their speed."]
-    lines += ["", main_table(rows, baseline), "",
+    lines += ["", f"## Speedup over `{baseline}` (median; τ = mean acceptance length)", "",
+              speedup_pivot(rows, baseline), "", "## All measurements", "",
+              main_table(rows, baseline), "",
               "tok/s = output tokens / wall time (offline: of the `llm.generate` calls; online: of "
               "the whole load at that concurrency), median over repeats; speedup = tok/s ÷ tok/s of "
               f"`{baseline}` in the same repeat and scenario (median); mean acc. len = 1 + accepted / "
