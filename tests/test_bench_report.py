@@ -295,3 +295,15 @@ def test_plots_survive_failed_methods_and_no_drafts(tmp_path):
     R.plot_acceptance(rows, ["none", "ngram"], ["code", "chat"], tmp_path / "a.png")
     png_size(tmp_path / "s.png")
     png_size(tmp_path / "a.png")
+
+
+def test_speedup_pivot_one_line_per_cell_one_column_per_method():
+    rows = summary()
+    header, body = parse_table(R.speedup_pivot(rows))
+    assert header == ["workload", "scenario", "ngram", "suffix_tree", "fancy"]
+    by = {(r[0], r[1]): dict(zip(header, r)) for r in body}
+    assert set(by) == {("code", B1), ("code", B8)}
+    # suffix_tree batch 1: 100/5 vs 100/10 and 100/2.5 vs 100/8 -> median of 2.0 and 3.2
+    assert by[("code", B1)]["suffix_tree"].startswith("2.60x (τ ")
+    assert by[("code", B1)]["ngram"].startswith("2.00x")  # only repeat 1 ran: 25 / 12.5
+    assert R.speedup_pivot([r for r in rows if r["method"] == "none"]) == "_(no speculative method)_"
