@@ -416,15 +416,9 @@ def fetch_spec_counters(base_url: str, timeout: float = 30.0) -> dict[str, Any]:
 
 def spec_counters_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """``after - before`` of two counter dicts (per-position lists padded with 0)."""
-    b = list(before.get("accepted_per_pos") or [])
-    a = list(after.get("accepted_per_pos") or [])
-    n = max(len(a), len(b))
-    b += [0] * (n - len(b))
-    a += [0] * (n - len(a))
-    return {"drafts": after["drafts"] - before["drafts"],
-            "draft_tokens": after["draft_tokens"] - before["draft_tokens"],
-            "accepted": after["accepted"] - before["accepted"],
-            "accepted_per_pos": [x - y for x, y in zip(a, b)]}
+    from vllm_spec_plugins.bench.stats import counters_delta
+
+    return counters_delta(before, after)
 
 
 def _settled_counters(base_url: str, tries: int = 10, pause: float = 0.2) -> dict[str, Any]:

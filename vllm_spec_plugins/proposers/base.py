@@ -7,9 +7,30 @@ lifecycle and calls these hooks; proposers only see request ids and token ids.
 from __future__ import annotations
 
 import abc
+import os
+import tempfile
 from typing import Sequence
 
 import numpy as np
+
+
+def save_npz_atomic(path: str, prefix: str, **arrays: np.ndarray) -> None:
+    """Write ``arrays`` as one .npz at ``path`` atomically (temp file in the same
+    directory, fsync, replace), so a crash never leaves a half-written state file."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 class Proposer(abc.ABC):

@@ -50,14 +50,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections import deque
 from typing import Hashable, Iterable
 
 import numpy as np
 from numba import njit
 
-from .base import Proposer
+from .base import Proposer, save_npz_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -1089,22 +1088,8 @@ class SuffixTreeProposer(Proposer):
         resp = self.cached_responses()
         lengths = np.array([len(r) for r in resp], np.int64)
         tokens = np.concatenate(resp).astype(np.int32) if resp else np.zeros(0, np.int32)
-        d = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".suffix_cache.", suffix=".tmp", dir=d)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, version=np.int64(CACHE_FORMAT_VERSION),
-                         max_tree_depth=np.int64(self._depth),
-                         lengths=lengths, tokens=tokens)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        save_npz_atomic(path, ".suffix_cache.", version=np.int64(CACHE_FORMAT_VERSION),
+                        max_tree_depth=np.int64(self._depth), lengths=lengths, tokens=tokens)
 
     def load(self, path: str) -> bool:
         """Replace the global cache with the one saved at ``path``.

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -39,7 +38,7 @@ from numba import njit
 
 from vllm_spec_plugins.config import TokenRecyclingConfig
 
-from .base import Proposer
+from .base import Proposer, save_npz_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -299,21 +298,8 @@ class AdjacencyMatrix:
         """Write the filled rows as one .npz, atomically (temp + replace)."""
         filled = np.flatnonzero(self.ids[:, 0] >= 0)
         n = int(filled[-1]) + 1 if filled.size else 0
-        d = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".recycling_matrix.", suffix=".tmp", dir=d)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, version=np.int64(MATRIX_FORMAT_VERSION),
-                         k=np.int64(self.k), ids=self.ids[:n], probs=self.probs[:n])
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        save_npz_atomic(path, ".recycling_matrix.", version=np.int64(MATRIX_FORMAT_VERSION),
+                        k=np.int64(self.k), ids=self.ids[:n], probs=self.probs[:n])
 
     def load(self, path: str) -> None:
         """Replace the contents with the matrix saved at ``path``.
