@@ -50,6 +50,24 @@ def drafter_state(llm) -> dict:
     return snap
 
 
+def settled_drafter_state(llm, timeout_s: float = 15.0) -> dict:
+    """The drafter's snapshot once the engine has told it about the last finished requests.
+
+    vLLM hands a step's finished request ids to the runner with the *next*
+    scheduler output; the engine core runs that flush step on its own after
+    ``generate`` returns, so a snapshot taken at once can race it. Poll until
+    nothing is tracked or the timeout passes (a real leak still fails)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        snap = drafter_state(llm)
+        idle = snap["tracked_requests"] == 0 and snap["proposer_active_requests"] == 0
+        if idle or time.monotonic() > deadline:
+            return snap
+        time.sleep(0.2)
+
+
 def prompt_set(tokenizer) -> list[str]:
     """Varied prompts: chat, code, repetitive text, a long prompt, short ones."""
     from vllm_spec_plugins.bench.workloads import make_repetitive

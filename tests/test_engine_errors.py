@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("vllm")
 from vllm import SamplingParams  # noqa: E402
 
-from engine_utils import MAX_TOKENS, drafter_state, make_llm, plugin_llm  # noqa: E402
+from engine_utils import MAX_TOKENS, make_llm, plugin_llm, settled_drafter_state  # noqa: E402
 
 pytestmark = pytest.mark.engine
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
@@ -40,7 +40,7 @@ def test_failing_proposer_costs_drafts_not_requests(flaky_llm, baseline_outputs)
     outs = flaky_llm.generate(prompts, GREEDY, use_tqdm=False)
     for p, o in zip(prompts, outs):
         assert list(o.outputs[0].token_ids) == expected[p]
-    state = drafter_state(flaky_llm)
+    state = settled_drafter_state(flaky_llm)
     assert state["errors"] > 0
     assert state["drafted_tokens"] > 0  # the rows that did not fail still drafted
     assert state["tracked_requests"] == 0
@@ -54,4 +54,4 @@ def test_failing_request_start_still_finishes(flaky_llm):
         outs += [o for o in engine.step() if o.finished]
     assert outs and len(outs[0].outputs[0].token_ids) > 0
     engine.step()
-    assert drafter_state(flaky_llm)["tracked_requests"] == 0
+    assert settled_drafter_state(flaky_llm)["tracked_requests"] == 0

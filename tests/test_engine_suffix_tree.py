@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("vllm")
 from vllm import SamplingParams  # noqa: E402
 
-from engine_utils import MAX_TOKENS, delta, drafter_state, plugin_llm, spec_counters  # noqa: E402
+from engine_utils import MAX_TOKENS, delta, drafter_state, plugin_llm, settled_drafter_state, spec_counters  # noqa: E402
 
 pytestmark = pytest.mark.engine
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
@@ -69,7 +69,7 @@ def test_global_cache_helps_a_repeated_request(llm):
 
 def test_no_state_left_after_requests_finish(llm):
     llm.generate(["Count from one to ten:"], GREEDY, use_tqdm=False)
-    state = drafter_state(llm)
+    state = settled_drafter_state(llm)
     assert state["tracked_requests"] == 0
     assert state["proposer_active_requests"] == 0
     assert state["errors"] == 0
@@ -92,7 +92,7 @@ def test_abort_mid_generation_frees_state(llm):
                 finished[out.request_id] = out
     assert "keep-me" in finished and len(finished["keep-me"].outputs[0].token_ids) > 0
     engine.step()  # let the runner see the last finished ids
-    state = drafter_state(llm)
+    state = settled_drafter_state(llm)
     assert state["tracked_requests"] == 0
     assert state["proposer_active_requests"] == 0
 

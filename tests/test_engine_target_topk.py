@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("vllm")
 from vllm import SamplingParams  # noqa: E402
 
-from engine_utils import MAX_TOKENS, delta, drafter_state, plugin_llm, spec_counters  # noqa: E402
+from engine_utils import MAX_TOKENS, delta, drafter_state, plugin_llm, settled_drafter_state, spec_counters  # noqa: E402
 
 pytestmark = pytest.mark.engine
 
@@ -48,6 +48,6 @@ def test_capture_with_random_sampling_and_state_released(llm):
     outs = llm.generate(prompts, SamplingParams(temperature=0.8, top_p=0.95, seed=1, max_tokens=32),
                         use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) > 0 for o in outs)
-    snap = drafter_state(llm)
+    snap = settled_drafter_state(llm)
     assert snap["proposer_active_requests"] == 0 and snap["tracked_requests"] == 0
     assert snap["captured_rows"] > 0 and snap["errors"] == 0

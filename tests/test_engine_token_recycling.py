@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("vllm")
 from vllm import SamplingParams  # noqa: E402
 
-from engine_utils import MAX_TOKENS, delta, drafter_state, plugin_llm, spec_counters  # noqa: E402
+from engine_utils import MAX_TOKENS, delta, drafter_state, plugin_llm, settled_drafter_state, spec_counters  # noqa: E402
 
 pytestmark = pytest.mark.engine
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
@@ -55,7 +55,7 @@ def test_random_sampling_and_state_released(llm):
                         SamplingParams(temperature=0.9, top_p=0.95, seed=3, max_tokens=48),
                         use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) > 0 for o in outs)
-    snap = drafter_state(llm)
+    snap = settled_drafter_state(llm)
     assert snap["tracked_requests"] == 0 and snap["proposer_active_requests"] == 0
 
 
