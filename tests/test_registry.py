@@ -42,4 +42,13 @@ def test_configs_dir_matches_registry():
     for name in METHODS:
         cfg = json.loads((root / f"{name}.json").read_text())
         assert cfg["speculative_config"]["model"] == "vllm_spec_plugins.integration.PluginDrafter"
-        resolve(cfg["additional_config"]["spec_plugins"])
+        _, _, settings = resolve(cfg["additional_config"]["spec_plugins"])
+        # Ready to paste = every setting spelled out, at its documented default.
+        written = dict(cfg["additional_config"]["spec_plugins"])
+        written.pop("method")
+        assert written == entry_defaults(name), f"configs/{name}.json drifted from defaults"
+        assert settings == METHODS[name].config_cls()
+
+
+def entry_defaults(name: str) -> dict:
+    return METHODS[name].config_cls().model_dump()

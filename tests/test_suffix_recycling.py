@@ -82,6 +82,8 @@ def test_switching_rule():
     r.on_request_start("s", ctx2)
     assert r.propose("s", ctx2, 16) == toks
     assert r.choice_counts["suffix_tree"] == 1
+    # The snapshot diagnostics carry both the choices and the matrix's record.
+    assert r.stats["suffix_tree"] == 1 and r.stats["matrix"]["rows_filled"] > 0
 
 
 def test_batch_mixes_sources_in_row_order():

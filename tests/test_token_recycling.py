@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from vllm_spec_plugins.config import TokenRecyclingConfig
 from vllm_spec_plugins.proposers.token_recycling import (
+    CAL_BINS,
     MATRIX_FORMAT_VERSION,
     AdjacencyMatrix,
     DraftTree,
@@ -89,7 +90,7 @@ def test_growth_is_amortised_and_bounded_by_vocab():
     fill(m, {999: [(1, 0.5)], 5000: [(1, 0.5)]})
     assert m.rows_allocated == 1000  # capped at max_vocab_size; 5000 ignored
     assert m.row(5) == ([1], pytest.approx([0.5]))  # contents survive growth
-    assert m.nbytes == m.max_nbytes == 1000 * 8 * 8
+    assert m.nbytes == m.max_nbytes == 1000 * (8 * 8 + 8)
 
 
 def test_save_load_roundtrip(tmp_path):
@@ -126,7 +127,10 @@ def test_bad_files_raise_clear_errors_and_keep_contents(tmp_path):
 
     ids = np.full((3, 4), -1, np.int32)
     probs = np.zeros((3, 4), np.float32)
-    v = np.int64(MATRIX_FORMAT_VERSION)
+    v = np.int64(1)  # version 1: no reliability record (still loads)
+    v2 = np.int64(MATRIX_FORMAT_VERSION)
+    rec = dict(row_hits=np.zeros(3), row_trials=np.ones(3), cal_hits=np.zeros(CAL_BINS),
+               cal_trials=np.zeros(CAL_BINS))
     cases = {
         write("k.npz", version=v, k=np.int64(2), ids=ids[:, :2], probs=probs[:, :2]): "k=2",
         write("ver.npz", version=np.int64(99), k=np.int64(4), ids=ids, probs=probs): "version 99",
@@ -135,6 +139,11 @@ def test_bad_files_raise_clear_errors_and_keep_contents(tmp_path):
         write("prob.npz", version=v, k=np.int64(4), ids=ids, probs=probs + 2): "probs must be",
         write("dtype.npz", version=v, k=np.int64(4), ids=probs, probs=probs): "integer",
         write("ids.npz", version=v, k=np.int64(4), ids=ids - 5, probs=probs): "ids out of range",
+        write("norec.npz", version=v2, k=np.int64(4), ids=ids, probs=probs): "row_hits",
+        write("rec.npz", version=v2, k=np.int64(4), ids=ids, probs=probs,
+              **{**rec, "row_hits": np.full(3, 2.0)}): "hits above trials",
+        write("recshape.npz", version=v2, k=np.int64(4), ids=ids, probs=probs,
+              **{**rec, "cal_trials": np.zeros(3)}): "cal_trials must be",
     }
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"not a zip file at all")
@@ -295,13 +304,13 @@ def ref_tree(rows, root, max_depth, breadth, max_nodes, pmin):
     return nodes
 
 
-def ref_best(nodes):
+def ref_best(nodes, pmin):
     best, best_gain, gain = [], 0.0, {0: (0.0, [])}
     for i, (tok, par, _d, pp) in enumerate(nodes[1:], 1):
         g, path = gain[par]
-        gain[i] = (g + pp, path + [tok])
-        if g + pp > best_gain:
-            best_gain, best = g + pp, path + [tok]
+        gain[i] = (g + pp - pmin, path + [tok])
+        if g + pp - pmin > best_gain:
+            best_gain, best = g + pp - pmin, path + [tok]
     return best
 
 
@@ -329,7 +338,7 @@ def test_drafts_are_matrix_paths_and_match_reference(mx, data):
     cap = data.draw(st.integers(0, 8))
     p = TokenRecyclingProposer(TokenRecyclingConfig(
         topk=k, tree_breadth=breadth, max_tree_nodes=max_nodes, min_path_prob=pmin,
-        max_vocab_size=vocab), 6)
+        max_vocab_size=vocab, calibrate=False), 6)
     if inp:
         p.on_target_topk("r", np.array(inp, np.int32), np.array(ids, np.int32),
                          np.array(probs, np.float32))
@@ -361,7 +370,7 @@ def test_drafts_are_matrix_paths_and_match_reference(mx, data):
     assert tree.token.tolist() == [n[0] for n in nodes]
     assert tree.parent.tolist() == [n[1] for n in nodes]
     assert tree.path_prob.tolist() == pytest.approx([n[3] for n in nodes])
-    assert draft == best_chain(tree) == ref_best(nodes)
+    assert draft == best_chain(tree) == ref_best(nodes, pmin)
 
 
 # ---------------------------------------------------------- simulated target
@@ -410,6 +419,130 @@ def test_acceptance_rises_as_the_matrix_warms():
     assert p.num_active_requests() == 0
 
 
+# ------------------------------------------------------------- calibration
+def test_overwrite_scores_the_old_row_against_the_new_argmax():
+    def b(p):  # the bin of a stored probability (probabilities away from bin edges)
+        return int(p * CAL_BINS)
+
+    m = fill(AdjacencyMatrix(4, 100), {5: [(1, 0.93), (2, 0.07)]})
+    assert m.cal_trials.sum() == 0 and m.row_trials[5] == 0  # a first fill scores nothing
+    fill(m, {5: [(2, 0.83), (3, 0.13)]})  # new argmax 2: old top-1 (1) missed, old #2 hit
+    assert m.row_trials[5] == 1 and m.row_hits[5] == 0
+    assert m.cal_trials[b(0.93)] == 1 and m.cal_hits[b(0.93)] == 0
+    assert m.cal_trials[b(0.07)] == 1 and m.cal_hits[b(0.07)] == 1
+    fill(m, {5: [(2, 0.73)]})  # old top-1 (2) is the new argmax: a hit, older record decays
+    assert m.row_hits[5] == pytest.approx(1.0) and m.row_trials[5] == pytest.approx(1.8)
+    rates = m.calibration_rates()
+    assert 0.5 < rates[b(0.93)] < 0.925  # one miss pulls the bin below its centre
+    assert rates[b(0.53)] == -1.0  # no evidence: raw probability used
+    rel = m.reliability()
+    assert rel["observations"] == 4 and rel["top1_hit_rate"] == pytest.approx(1 / 1.8, abs=1e-3)
+    # The row's own record (1 hit of 1.8) pulls its top-1 estimate toward it.
+    tree = DraftTree.build(m, 5, 1, [1], 8, 0.0)
+    assert rates[b(0.73)] == -1.0  # so the curve gives the stored 0.73 for its bin
+    assert tree.path_prob[1] == pytest.approx((1.0 + 2.0 * 0.73) / (1.8 + 2.0), rel=1e-5)
+    raw = DraftTree.build(m, 5, 1, [1], 8, 0.0, calibrate=False)
+    assert raw.path_prob[1] == pytest.approx(0.73)
+
+
+def test_draft_threshold_rises_with_the_step_batch():
+    p = proposer(topk=2, tree_breadth=[1], min_path_prob=0.1, batch_cost_slope=0.25)
+    assert p.draft_threshold(1) == pytest.approx(0.1)
+    assert p.draft_threshold(5) == pytest.approx(0.2)
+    assert p.draft_threshold(10_000) == 0.95
+    p.matrix = fill(AdjacencyMatrix(2, 100), {t: [(t + 1, 0.8)] for t in range(60)})
+    ctx = np.array([0], np.int32)
+    assert len(p.propose("r", ctx, 16)) == 10  # 0.8**10 >= 0.1
+    one_row_step = p.propose_batch([("r", ctx, 16)], step_rows=5)[0]
+    assert one_row_step == list(range(1, 8))  # 0.8**7 = 0.21 >= 0.2 > 0.8**8
+    assert p.propose_batch([("r", ctx, 16)] * 5) == [one_row_step] * 5
+    flat = proposer(topk=2, tree_breadth=[1], min_path_prob=0.1, batch_cost_slope=0.0)
+    flat.matrix = p.matrix
+    assert len(flat.propose_batch([("r", ctx, 16)] * 5)[0]) == 10
+
+
+def simulate(p: TokenRecyclingProposer, steps: int, seed: int, k: int = 8):
+    """Greedy decoding of a synthetic "target" whose stored probabilities are
+    overconfident: it always reports its top-1 at 0.9, but after half of the
+    tokens the next token depends on a hidden context redrawn every step (so
+    a recycled row is right about 1 time in 4); after the other half it is
+    fixed. Returns (drafted, accepted) totals after a warm-up."""
+    rng = np.random.default_rng(seed)
+    V, K = 120, 4
+    fixed = rng.permutation(V)
+    by_ctx = np.stack([rng.permutation(V) for _ in range(4)])
+    ambiguous = rng.random(V) < 0.5
+    probs = np.array([0.9, 0.05, 0.03, 0.02], np.float32)
+
+    def row(prev, hidden):
+        first = by_ctx[hidden, prev] if ambiguous[prev] else fixed[prev]
+        rest = [(first + d) % V for d in (1, 2, 3)]
+        return [int(first)] + [int(x) for x in rest]
+
+    ctx = [0]
+    drafted = accepted = 0
+    for step in range(steps):
+        hidden = int(rng.integers(4))
+        draft = p.propose("r", np.array(ctx, np.int32), k)
+        inputs = [ctx[-1]] + draft
+        rows = [row(t, hidden) for t in inputs]
+        n_acc = 0
+        while n_acc < len(draft) and draft[n_acc] == rows[n_acc][0]:
+            n_acc += 1
+        p.on_target_topk("r", np.array(inputs, np.int32), np.array(rows, np.int32),
+                         np.tile(probs, (len(inputs), 1)))
+        ctx += draft[:n_acc] + [rows[n_acc][0]]
+        if step >= steps // 4:
+            drafted += len(draft)
+            accepted += n_acc
+    return drafted, accepted
+
+
+def test_calibration_drafts_less_and_wastes_less_on_an_overconfident_target():
+    cfg = dict(topk=4, tree_breadth=[1], min_path_prob=0.1)
+    raw_d, raw_a = simulate(proposer(**cfg, calibrate=False), 1500, seed=7)
+    cal_d, cal_a = simulate(proposer(**cfg), 1500, seed=7)
+    print(f"\nraw: drafted {raw_d}, accepted {raw_a} ({raw_a / raw_d:.0%}); "
+          f"calibrated: drafted {cal_d}, accepted {cal_a} ({cal_a / cal_d:.0%})")
+    # Raw probabilities (0.9 per edge) always draft to the cap; the calibrated
+    # ones stop where rows are unreliable, so far fewer tokens are wasted...
+    assert cal_d < 0.7 * raw_d
+    assert cal_a / cal_d > 1.3 * raw_a / raw_d
+    # ...at a small price in accepted tokens, and a better net value at the
+    # default price of one drafted token (min_path_prob = 0.1).
+    assert cal_a > 0.8 * raw_a
+    assert cal_a - 0.1 * cal_d > raw_a - 0.1 * raw_d
+
+
+def test_reliability_record_survives_save_load_and_v1_files_load(tmp_path):
+    p = proposer(topk=4, tree_breadth=[1], max_vocab_size=1024)
+    simulate(p, 200, seed=3)
+    m = p.matrix
+    assert m.cal_trials.sum() > 0 and m.row_trials.sum() > 0
+    path = tmp_path / "m.npz"
+    m.save(str(path))
+    m2 = AdjacencyMatrix(4, 1024)
+    m2.load(str(path))
+    n = m.rows_allocated
+    assert np.array_equal(m2.cal_hits, m.cal_hits) and np.array_equal(m2.cal_trials, m.cal_trials)
+    filled = m.ids[:, 0] >= 0
+    assert np.array_equal(m2.row_hits[:n][filled], m.row_hits[filled])
+    assert np.array_equal(m2.row_trials[:n][filled], m.row_trials[filled])
+    ctx = np.array([0, 5], np.int32)
+    q = proposer(topk=4, tree_breadth=[1])
+    q.matrix = m2
+    assert q.propose("r", ctx, 8) == p.propose("r", ctx, 8)
+    # A version-1 file (before the record existed) loads with an empty record.
+    v1 = tmp_path / "v1.npz"
+    with open(v1, "wb") as f:
+        np.savez(f, version=np.int64(1), k=np.int64(4), ids=m.ids, probs=m.probs)
+    m3 = AdjacencyMatrix(4, 1000)
+    m3.load(str(v1))
+    assert m3.rows_filled == m.rows_filled and m3.cal_trials.sum() == 0
+    assert m3.row_trials.sum() == 0
+    assert p.stats["observations"] > 0 and p.stats["rows_filled"] == m.rows_filled
+
+
 # --------------------------------------------------------- config/registry
 def test_registry_resolves_and_builds():
     method, entry, cfg = resolve({"method": "token_recycling", "topk": 4,
@@ -428,6 +561,8 @@ def test_registry_resolves_and_builds():
     ({"tree_breadth": [2, 0]}, "spec_plugins.tree_breadth"),
     ({"max_tree_nodes": 1}, "spec_plugins.max_tree_nodes"),
     ({"min_path_prob": 1.5}, "spec_plugins.min_path_prob"),
+    ({"batch_cost_slope": -1}, "spec_plugins.batch_cost_slope"),
+    ({"calibrate": "sometimes"}, "spec_plugins.calibrate"),
     ({"max_vocab_size": 0}, "spec_plugins.max_vocab_size"),
     ({"matrix_pth": "x"}, "spec_plugins.matrix_pth: unknown setting"),
 ])
@@ -449,7 +584,8 @@ def test_propose_batch_timing_printed():
     for name, probs, pmin in [("confident rows", confident, 0.1),
                               ("worst case: full 125-node tree", np.full((V, 8), 0.9,
                                                                          np.float32), 0.0)]:
-        p = proposer(k=16, min_path_prob=pmin)
+        # batch_cost_slope 0: the full-length drafts are what is timed here
+        p = proposer(k=16, min_path_prob=pmin, batch_cost_slope=0.0)
         p.on_target_topk("r", np.arange(V, dtype=np.int32), ids, probs)
         assert len(p.draft_tree(batch[0][1], 16)) == (17 if pmin else 125)
         assert all(len(d) == 16 for d in p.propose_batch(batch))

@@ -72,11 +72,25 @@ class TokenRecyclingConfig(BaseModel):
     min_path_prob: float = Field(
         0.1, ge=0.0, le=1.0, allow_inf_nan=False,
         description="Drop tree nodes whose estimated acceptance probability "
-                    "(product of the stored target probabilities along the "
-                    "path) is below this: the draft is only as long as the "
-                    "matrix is confident. 0.1 = suffix_tree's min_token_prob, "
-                    "so both halves of suffix_recycling stop at the same "
-                    "expected gain per drafted token.")
+                    "(product of the calibrated target probabilities along the "
+                    "path) is below this, and charge it per drafted token when "
+                    "choosing the chain: the price of verifying one token, in "
+                    "accepted tokens. The draft is only as long as it pays. 0.1 "
+                    "= suffix_tree's min_token_prob (a step with one row); "
+                    "raise it for a compute-bound verifier, lower it where "
+                    "extra verified tokens are nearly free (GPU, small batch).")
+    batch_cost_slope: float = Field(
+        0.25, ge=0.0, le=10.0, allow_inf_nan=False,
+        description="The threshold grows with the rows verified in a step: "
+                    "min_path_prob * (1 + batch_cost_slope * (rows - 1)), at "
+                    "most 0.95. A bigger batch leaves less idle compute for "
+                    "rejected tokens. 0 = the same threshold at every batch.")
+    calibrate: bool = Field(
+        True,
+        description="Correct the stored probabilities by what past overwrites "
+                    "showed (a row's old top-1 vs the new argmax; a curve per "
+                    "probability bin and a record per row). False = the "
+                    "paper's raw stored probabilities.")
     max_vocab_size: int = Field(
         262144, ge=1, le=16_777_216,
         description="Memory bound: the matrix has at most this many rows "

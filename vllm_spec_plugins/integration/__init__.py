@@ -373,8 +373,11 @@ class PluginDrafter:
         return drafts
 
     def snapshot(self) -> dict[str, Any]:
-        # a proposer's own diagnostics (e.g. the hybrid's choice counts)
-        stats = getattr(self.proposer, "stats", None) or getattr(self.proposer, "choice_counts", None)
+        # a proposer's own diagnostics (e.g. the hybrid's choice counts), if it has any
+        try:
+            stats = getattr(self.proposer, "stats", None)
+        except Exception:  # diagnostics must never break the snapshot
+            stats = None
         return {"method": self.method, "tracked_requests": len(self._tracks),
                 "proposer_active_requests": self.proposer.num_active_requests(),
                 "proposer_stats": dict(stats) if isinstance(stats, dict) else None,

@@ -80,6 +80,11 @@ class SuffixRecyclingProposer(Proposer):
     def num_active_requests(self) -> int:
         return max(self.suffix.num_active_requests(), self.recycling.num_active_requests())
 
+    @property
+    def stats(self) -> dict[str, object]:
+        """Diagnostics for ``drafter_snapshot``: choice counts and the matrix's."""
+        return {**self.choice_counts, "matrix": self.recycling.stats}
+
     def warmup(self) -> None:
         self.suffix.warmup()
         self.recycling.warmup()
@@ -102,7 +107,9 @@ class SuffixRecyclingProposer(Proposer):
                     fallback[i] = toks
                 rest.append(i)
         if rest:
-            drafts = self.recycling.propose_batch([batch[i] for i in rest])
+            # The verification cost of a drafted token depends on the whole step.
+            drafts = self.recycling.propose_batch([batch[i] for i in rest],
+                                                  step_rows=len(batch))
             for i, d in zip(rest, drafts):
                 if d:
                     out[i] = d

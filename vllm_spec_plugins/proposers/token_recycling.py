@@ -22,6 +22,20 @@ probabilities (which drive chain selection and the draft length) meaningless.
 Copying from the context is the suffix tree's job; ``suffix_recycling``
 combines the two with an explicit switch.
 
+Calibration (this project's addition; the paper verifies a large tree on a
+GPU, where a wasted draft token is nearly free). A stored probability was
+the target's confidence *in the context it came from*; for the same token in
+a new context it is overconfident, so drafts ran long and mostly got
+rejected. Each time a row is overwritten, the kernel checks what its old
+candidates would have scored against the new argmax (exactly "would a
+greedy draft from this row have been accepted here") and keeps (a) a global
+reliability curve: hit rate per stored-probability bin, and (b) a decayed
+hit count per row for its top-1. Drafting uses the calibrated probability
+(curve, then the row's own record for its top-1), so ``min_path_prob`` cuts
+where real acceptance falls; with no evidence yet the stored probability is
+used as is. The cut also rises with the number of rows in the step: on a
+compute-bound verifier (CPU, large batches) a rejected token costs more.
+
 Hot paths are numba ``@njit(cache=True)`` kernels; :meth:`propose_batch`
 drafts all rows of a step in one kernel call.
 """
@@ -52,14 +66,33 @@ __all__ = [
     "warmup",
 ]
 
-MATRIX_FORMAT_VERSION = 1
+MATRIX_FORMAT_VERSION = 2  # 2: + row reliability and the calibration curve
+CAL_BINS = 20          # stored-probability bins of the reliability curve
+_CAL_PRIOR = 8.0       # pseudo-observations at the stored probability, per bin
+_ROW_PRIOR = 2.0       # pseudo-observations at the curve's value, per row
+_ROW_DECAY = 0.8       # a row's record forgets: ~5 recent overwrites count
+_CAL_HALVE_AT = 1e6    # halve the curve's counts past this many (keeps it adaptive)
 _INITIAL_ROWS = 1024
 
 
 # ------------------------------------------------------------------ kernels
 @njit(cache=True)
-def _update(ids, probs, inputs, cand_ids, cand_probs, vocab):
+def _cal_bin(p, nbins):
+    b = int(p * nbins)
+    if b < 0:
+        return 0
+    return b if b < nbins else nbins - 1
+
+
+@njit(cache=True)
+def _update(ids, probs, row_hits, row_trials, cal_hits, cal_trials, inputs,
+            cand_ids, cand_probs, vocab, decay):
     """Overwrite the row of every input token with its candidates.
+
+    Before a filled row is overwritten by a non-empty one, its candidates
+    are scored against the new best candidate (the target's argmax here):
+    per stored-probability bin into ``cal_hits/cal_trials``, and for the
+    old top-1 into the row's decayed ``row_hits/row_trials``.
 
     Rows are processed in order, so a token that appears twice in one window
     keeps the later row (the more recent context). Candidates are filtered
@@ -110,6 +143,19 @@ def _update(ids, probs, inputs, cand_ids, cand_probs, vocab):
                 pos -= 1
             buf_t[pos] = c
             buf_p[pos] = p
+        if m > 0 and ids[t, 0] >= 0:
+            a = buf_t[0]
+            nb = cal_trials.shape[0]
+            for r in range(k):
+                c = ids[t, r]
+                if c < 0:
+                    break
+                b = _cal_bin(probs[t, r], nb)
+                cal_trials[b] += 1.0
+                if c == a:
+                    cal_hits[b] += 1.0
+            row_trials[t] = row_trials[t] * decay + 1.0
+            row_hits[t] = row_hits[t] * decay + (1.0 if ids[t, 0] == a else 0.0)
         for r in range(k):
             if r < m:
                 ids[t, r] = buf_t[r]
@@ -120,15 +166,32 @@ def _update(ids, probs, inputs, cand_ids, cand_probs, vocab):
 
 
 @njit(cache=True)
-def _bfs(ids, probs, root, max_depth, breadth, max_nodes, min_prob,
-         tok, par, dep, pp):
+def _edge_prob(probs, row_hits, row_trials, cal_rate, row_prior, t, r):
+    """Estimated acceptance of candidate r of token t: the stored probability
+    through the calibration curve (``cal_rate`` empty = raw) and, for the
+    top-1, shrunk toward the row's own record of hits."""
+    p = probs[t, r]
+    nb = cal_rate.shape[0]
+    if nb == 0:
+        return p
+    q = cal_rate[_cal_bin(p, nb)]
+    if q < 0.0:  # no evidence in this bin yet
+        q = p
+    if r == 0:
+        q = (row_hits[t] + row_prior * q) / (row_trials[t] + row_prior)
+    return q
+
+
+@njit(cache=True)
+def _bfs(ids, probs, row_hits, row_trials, cal_rate, row_prior, root, max_depth,
+         breadth, max_nodes, min_prob, tok, par, dep, pp):
     """Breadth-first draft tree from ``root``; returns the node count.
 
     Node 0 is the root. A node at depth d gets the first breadth[d] (last
     value repeats) candidates of its token's row whose path probability
-    stays >= min_prob; rows are sorted best first, so the first candidate
-    below the threshold ends the row. Nodes are in BFS order: parents before
-    children, shallower before deeper; max_nodes cuts the deepest level."""
+    (product of :func:`_edge_prob`) stays >= min_prob, in row order.
+    Nodes are in BFS order: parents before children, shallower before
+    deeper; max_nodes cuts the deepest level."""
     rows = ids.shape[0]
     k = ids.shape[1]
     nb = breadth.shape[0]
@@ -150,13 +213,19 @@ def _bfs(ids, probs, root, max_depth, breadth, max_nodes, min_prob,
         b = breadth[d] if d < nb else breadth[nb - 1]
         if b > k:
             b = k
-        for r in range(b):
+        taken = 0
+        for r in range(k):
+            if taken >= b:
+                break
             c = ids[t, r]
             if c < 0:
                 break
-            p = pp[u] * probs[t, r]
+            p = pp[u] * _edge_prob(probs, row_hits, row_trials, cal_rate, row_prior, t, r)
+            # Calibration can rank a lower candidate above the top-1, so a
+            # candidate below the threshold skips, it does not end the row.
             if not (p > 0.0) or p < min_prob:
-                break
+                continue
+            taken += 1
             if n >= max_nodes:
                 return n
             tok[n] = c
@@ -169,10 +238,12 @@ def _bfs(ids, probs, root, max_depth, breadth, max_nodes, min_prob,
 
 @njit(cache=True)
 def _best_node(par, pp, n, min_prob, gain):
-    """Node ending the root path with the largest sum of path probabilities
-    (= expected accepted tokens of that chain); 0 (root) if none. A node is
-    eligible only if it and all its ancestors have path_prob >= min_prob.
-    Ties keep the earlier node (BFS order: shallower, higher-ranked)."""
+    """Node ending the root path with the largest sum of (path probability -
+    min_prob): expected accepted tokens of that chain minus what verifying
+    its tokens costs, with ``min_prob`` as the price of one drafted token in
+    accepted-token units. 0 (root) if none. A node is eligible only if it and
+    all its ancestors have path_prob >= min_prob. Ties keep the earlier node
+    (BFS order: shallower, higher-ranked)."""
     gain[0] = 0.0
     best = 0
     best_gain = 0.0
@@ -181,7 +252,7 @@ def _best_node(par, pp, n, min_prob, gain):
         if gain[p] < 0.0 or not (pp[i] > 0.0) or pp[i] < min_prob:
             gain[i] = -1.0  # ineligible, and so is its subtree
             continue
-        g = gain[p] + pp[i]
+        g = gain[p] + pp[i] - min_prob
         gain[i] = g
         if g > best_gain:
             best_gain = g
@@ -190,15 +261,15 @@ def _best_node(par, pp, n, min_prob, gain):
 
 
 @njit(cache=True)
-def _propose_rows(ids, probs, roots, caps, breadth, max_nodes, min_prob,
-                  out, lens, tok, par, dep, pp, gain):
+def _propose_rows(ids, probs, row_hits, row_trials, cal_rate, row_prior, roots, caps,
+                  breadth, max_nodes, min_prob, out, lens, tok, par, dep, pp, gain):
     """Build the tree and write the best chain for each row (one call per step)."""
     for b in range(roots.shape[0]):
         lens[b] = 0
         if caps[b] <= 0 or roots[b] < 0:
             continue
-        n = _bfs(ids, probs, roots[b], caps[b], breadth, max_nodes, min_prob,
-                 tok, par, dep, pp)
+        n = _bfs(ids, probs, row_hits, row_trials, cal_rate, row_prior, roots[b], caps[b],
+                 breadth, max_nodes, min_prob, tok, par, dep, pp)
         v = _best_node(par, pp, n, min_prob, gain)
         L = dep[v]
         lens[b] = L
@@ -211,12 +282,17 @@ def _propose_rows(ids, probs, roots, caps, breadth, max_nodes, min_prob,
 # ------------------------------------------------------------------- matrix
 class AdjacencyMatrix:
     """For each token id, the target's top-k next tokens (best first) and
-    their probabilities, from the last time that token was a target input.
+    their probabilities, from the last time that token was a target input;
+    plus what past overwrites say about how reliable those rows are.
 
-    ``ids`` int32 [rows, k] (-1 = empty), ``probs`` float32 [rows, k]. Rows
+    ``ids`` int32 [rows, k] (-1 = empty), ``probs`` float32 [rows, k],
+    ``row_hits``/``row_trials`` float32 [rows] (decayed count of overwrites
+    where the row's top-1 was the new argmax), ``cal_hits``/``cal_trials``
+    float64 [CAL_BINS] (same, per stored-probability bin, every rank). Rows
     are allocated lazily (capacity doubles up to ``max_vocab_size``), so
-    memory never exceeds ``max_vocab_size * k * 8`` bytes. Token ids outside
-    ``[0, max_vocab_size)`` are ignored, as inputs and as candidates."""
+    memory never exceeds ``max_vocab_size * (k * 8 + 8)`` bytes. Token ids
+    outside ``[0, max_vocab_size)`` are ignored, as inputs and as
+    candidates."""
 
     def __init__(self, k: int = 8, max_vocab_size: int = 262144,
                  initial_rows: int = _INITIAL_ROWS) -> None:
@@ -225,34 +301,40 @@ class AdjacencyMatrix:
         self.k = int(k)
         self.max_vocab_size = int(max_vocab_size)
         self._alloc(min(self.max_vocab_size, max(1, int(initial_rows))))
+        self.cal_hits = np.zeros(CAL_BINS, np.float64)
+        self.cal_trials = np.zeros(CAL_BINS, np.float64)
 
     def _alloc(self, rows: int) -> None:
         self.ids = np.full((rows, self.k), -1, np.int32)
         self.probs = np.zeros((rows, self.k), np.float32)
+        self.row_hits = np.zeros(rows, np.float32)
+        self.row_trials = np.zeros(rows, np.float32)
 
     def _grow_to(self, need_rows: int) -> None:
         old = self.ids.shape[0]
         if need_rows <= old:
             return
         new = min(self.max_vocab_size, max(need_rows, 2 * old))
-        ids, probs = self.ids, self.probs
+        kept = self.ids, self.probs, self.row_hits, self.row_trials
         self._alloc(new)
-        self.ids[:old] = ids
-        self.probs[:old] = probs
+        for dst, src in zip((self.ids, self.probs, self.row_hits, self.row_trials), kept):
+            dst[:old] = src
 
     def clear(self) -> None:
         self._alloc(min(self.max_vocab_size, _INITIAL_ROWS))
+        self.cal_hits[:] = 0
+        self.cal_trials[:] = 0
 
     # ------------------------------------------------------------ update
     def update(self, input_ids, topk_ids, topk_probs) -> None:
         """Overwrite the rows of ``input_ids`` [n] with ``topk_ids`` /
         ``topk_probs`` [n, k'] (any k': the k best valid candidates are kept,
-        sorted best first). A token repeated in ``input_ids`` keeps its
-        *last* row (the most recent context wins). Out-of-range input ids
-        are skipped; out-of-range candidate ids, and candidates with a
-        probability that is not > 0, are dropped; probabilities above 1 are
-        clipped; a candidate repeated within a row keeps its best
-        probability."""
+        sorted best first), scoring the old rows first (see the module doc).
+        A token repeated in ``input_ids`` keeps its *last* row (the most
+        recent context wins). Out-of-range input ids are skipped;
+        out-of-range candidate ids, and candidates with a probability that is
+        not > 0, are dropped; probabilities above 1 are clipped; a candidate
+        repeated within a row keeps its best probability."""
         inp = np.ascontiguousarray(input_ids, dtype=np.int64).reshape(-1)
         cid = np.ascontiguousarray(topk_ids, dtype=np.int64)
         cpr = np.ascontiguousarray(topk_probs, dtype=np.float32)
@@ -265,7 +347,11 @@ class AdjacencyMatrix:
         valid = inp[(inp >= 0) & (inp < self.max_vocab_size)]
         if valid.size:
             self._grow_to(int(valid.max()) + 1)
-        _update(self.ids, self.probs, inp, cid, cpr, self.max_vocab_size)
+        _update(self.ids, self.probs, self.row_hits, self.row_trials, self.cal_hits,
+                self.cal_trials, inp, cid, cpr, self.max_vocab_size, _ROW_DECAY)
+        if self.cal_trials.sum() > _CAL_HALVE_AT:
+            self.cal_hits *= 0.5
+            self.cal_trials *= 0.5
 
     def row(self, token: int) -> tuple[list[int], list[float]]:
         """(candidate ids, probabilities) of ``token``, best first."""
@@ -273,6 +359,28 @@ class AdjacencyMatrix:
             return [], []
         m = self.ids[token] >= 0
         return self.ids[token][m].tolist(), self.probs[token][m].tolist()
+
+    # ------------------------------------------------------- reliability
+    def calibration_rates(self) -> np.ndarray:
+        """Per stored-probability bin: observed acceptance rate, shrunk toward
+        the bin's centre by ``_CAL_PRIOR`` pseudo-observations; -1 where the
+        bin has no observation (the kernels then use the stored probability)."""
+        centre = (np.arange(CAL_BINS) + 0.5) / CAL_BINS
+        rate = (self.cal_hits + _CAL_PRIOR * centre) / (self.cal_trials + _CAL_PRIOR)
+        return np.where(self.cal_trials > 0, rate, -1.0)
+
+    def reliability(self) -> dict[str, object]:
+        """Diagnostics: the calibration curve (bins with evidence) and the
+        mean top-1 hit rate over rows that were overwritten."""
+        seen = self.cal_trials > 0
+        edges = np.arange(CAL_BINS) / CAL_BINS
+        trials = float(self.row_trials.sum())
+        return {
+            "curve": {f"{lo:.2f}": round(float(r), 3) for lo, r, s in
+                      zip(edges, self.calibration_rates(), seen) if s},
+            "observations": int(self.cal_trials.sum()),
+            "top1_hit_rate": round(float(self.row_hits.sum()) / trials, 3) if trials else None,
+        }
 
     # ------------------------------------------------------------- sizes
     @property
@@ -286,27 +394,32 @@ class AdjacencyMatrix:
 
     @property
     def nbytes(self) -> int:
-        return int(self.ids.nbytes + self.probs.nbytes)
+        return int(self.ids.nbytes + self.probs.nbytes + self.row_hits.nbytes
+                   + self.row_trials.nbytes)
 
     @property
     def max_nbytes(self) -> int:
         """Upper bound of ``nbytes``: every row allocated."""
-        return self.max_vocab_size * self.k * (4 + 4)
+        return self.max_vocab_size * (self.k * (4 + 4) + 4 + 4)
 
     # ------------------------------------------------------- persistence
     def save(self, path: str) -> None:
-        """Write the filled rows as one .npz, atomically (temp + replace)."""
+        """Write the filled rows and the reliability record as one .npz,
+        atomically (temp + replace)."""
         filled = np.flatnonzero(self.ids[:, 0] >= 0)
         n = int(filled[-1]) + 1 if filled.size else 0
         save_npz_atomic(path, ".recycling_matrix.", version=np.int64(MATRIX_FORMAT_VERSION),
-                        k=np.int64(self.k), ids=self.ids[:n], probs=self.probs[:n])
+                        k=np.int64(self.k), ids=self.ids[:n], probs=self.probs[:n],
+                        row_hits=self.row_hits[:n], row_trials=self.row_trials[:n],
+                        cal_hits=self.cal_hits, cal_trials=self.cal_trials)
 
     def load(self, path: str) -> None:
         """Replace the contents with the matrix saved at ``path``.
 
         Raises OSError if the file cannot be read and ValueError (saying
         what is wrong) if it is not a valid matrix file of this ``k``; the
-        current contents are kept then. Rows and candidates at or above
+        current contents are kept then. Version-1 files (no reliability
+        record) load with an empty record. Rows and candidates at or above
         ``max_vocab_size`` are dropped; rows are re-sorted best first."""
         try:
             z = np.load(path, allow_pickle=False)
@@ -320,12 +433,19 @@ class AdjacencyMatrix:
                 if missing:
                     raise ValueError(f"missing arrays {sorted(missing)}")
                 version = int(z["version"])
-                if version != MATRIX_FORMAT_VERSION:
+                if version not in (1, MATRIX_FORMAT_VERSION):
                     raise ValueError(f"format version {version}, expected "
                                      f"{MATRIX_FORMAT_VERSION}")
                 k = int(z["k"])
                 ids = np.asarray(z["ids"])
                 probs = np.asarray(z["probs"])
+                record = {}
+                if version >= 2:
+                    absent = {"row_hits", "row_trials", "cal_hits", "cal_trials"} - set(z.files)
+                    if absent:
+                        raise ValueError(f"missing arrays {sorted(absent)}")
+                    record = {n: np.asarray(z[n], np.float64) for n in
+                              ("row_hits", "row_trials", "cal_hits", "cal_trials")}
         except ValueError as e:
             raise ValueError(f"{path}: bad token-recycling matrix file: {e}") from None
         except Exception as e:  # noqa: BLE001
@@ -347,30 +467,59 @@ class AdjacencyMatrix:
         if probs.size and not (np.isfinite(probs).all() and probs.min() >= 0
                                and probs.max() <= 1):
             raise bad("probs must be finite and in [0, 1]")
+        if record:
+            shapes = {"row_hits": (ids.shape[0],), "row_trials": (ids.shape[0],),
+                      "cal_hits": (CAL_BINS,), "cal_trials": (CAL_BINS,)}
+            for name, shape in shapes.items():
+                a = record[name]
+                if a.shape != shape or not (np.isfinite(a).all() and (a >= 0).all()):
+                    raise bad(f"{name} must be finite, >= 0, shape {shape}")
+            if ((record["row_hits"] > record["row_trials"]).any()
+                    or (record["cal_hits"] > record["cal_trials"]).any()):
+                raise bad("hits above trials in the reliability record")
         rows = min(ids.shape[0], self.max_vocab_size)
         if rows < ids.shape[0]:
             logger.info("%s: dropping %d rows at or above max_vocab_size=%d", path,
                         ids.shape[0] - rows, self.max_vocab_size)
-        old_ids, old_probs = self.ids, self.probs
+        kept = (self.ids, self.probs, self.row_hits, self.row_trials,
+                self.cal_hits.copy(), self.cal_trials.copy())
         self._alloc(max(rows, min(self.max_vocab_size, _INITIAL_ROWS)))
         try:
-            _update(self.ids, self.probs, np.arange(rows, dtype=np.int64),
+            # Rows are empty here, so re-sorting through _update scores nothing.
+            _update(self.ids, self.probs, self.row_hits, self.row_trials, self.cal_hits,
+                    self.cal_trials, np.arange(rows, dtype=np.int64),
                     ids[:rows].astype(np.int64), probs[:rows].astype(np.float32),
-                    self.max_vocab_size)
+                    self.max_vocab_size, _ROW_DECAY)
+            if record:
+                self.row_hits[:rows] = record["row_hits"][:rows]
+                self.row_trials[:rows] = record["row_trials"][:rows]
+                self.cal_hits[:] = record["cal_hits"]
+                self.cal_trials[:] = record["cal_trials"]
+            else:
+                self.cal_hits[:] = 0
+                self.cal_trials[:] = 0
         except BaseException:
-            self.ids, self.probs = old_ids, old_probs
+            (self.ids, self.probs, self.row_hits, self.row_trials,
+             self.cal_hits, self.cal_trials) = kept
             raise
 
 
 # --------------------------------------------------------------- draft tree
+_NO_CALIBRATION = np.zeros(0, np.float64)
+
+
+def _cal_rates(matrix: AdjacencyMatrix, calibrate: bool) -> np.ndarray:
+    return matrix.calibration_rates() if calibrate else _NO_CALIBRATION
+
+
 @dataclass
 class DraftTree:
     """A draft tree in BFS order: node 0 is the root (the last context
     token, not a draft); ``parent[i] < i`` for every other node.
 
-    ``path_prob[i]`` = product of the stored target probabilities from the
-    root to node i = estimated probability that the whole path to i is
-    accepted. Nodes below ``min_path_prob`` were never added (and are never
+    ``path_prob[i]`` = product of the (calibrated, see the module doc)
+    target probabilities from the root to node i = estimated probability
+    that the whole path to i is accepted. Nodes below ``min_path_prob`` were never added (and are never
     chosen by :func:`best_chain` if a hand-built tree has them)."""
 
     token: np.ndarray  # int32 [n]
@@ -398,19 +547,21 @@ class DraftTree:
     @classmethod
     def build(cls, matrix: AdjacencyMatrix, root_token: int, max_depth: int,
               tree_breadth: Sequence[int], max_nodes: int,
-              min_path_prob: float) -> "DraftTree":
+              min_path_prob: float, calibrate: bool = True) -> "DraftTree":
         """BFS from ``root_token`` over ``matrix``: a node at depth d gets the
         ``tree_breadth[d]`` best candidates of its token (last value repeats)
         whose path probability is >= ``min_path_prob``; depth <= max_depth,
-        at most ``max_nodes`` nodes (root included)."""
+        at most ``max_nodes`` nodes (root included). ``calibrate=False``
+        uses the stored probabilities as they are."""
         max_nodes = max(1, int(max_nodes))
         tok = np.empty(max_nodes, np.int32)
         par = np.empty(max_nodes, np.int32)
         dep = np.empty(max_nodes, np.int32)
         pp = np.empty(max_nodes, np.float64)
-        n = _bfs(matrix.ids, matrix.probs, np.int64(root_token), np.int64(max_depth),
-                 np.asarray(tree_breadth, np.int64), np.int64(max_nodes),
-                 float(min_path_prob), tok, par, dep, pp)
+        n = _bfs(matrix.ids, matrix.probs, matrix.row_hits, matrix.row_trials,
+                 _cal_rates(matrix, calibrate), _ROW_PRIOR, np.int64(root_token),
+                 np.int64(max_depth), np.asarray(tree_breadth, np.int64),
+                 np.int64(max_nodes), float(min_path_prob), tok, par, dep, pp)
         return cls(tok[:n].copy(), par[:n].copy(), dep[:n].copy(), pp[:n].copy(),
                    float(min_path_prob))
 
@@ -438,11 +589,13 @@ def best_chain(tree: DraftTree) -> list[int]:
 
     Chain verification accepts a prefix of the draft: token i counts only if
     tokens 1..i are all accepted, with estimated probability path_prob(i).
-    So a chain's expected accepted length is the sum of path_prob along it,
-    accumulated root-down in one pass over the BFS order (a DP over the
-    tree); the best chain ends at the node with the largest sum. This is not
-    always the greedy top-1 path: a slightly less likely first token with a
-    confident continuation can be worth more."""
+    So a chain's expected accepted length is the sum of path_prob along it;
+    each drafted token also costs ``tree.min_path_prob`` (the price of
+    verifying it, in accepted tokens). Net gains accumulate root-down in one
+    pass over the BFS order (a DP over the tree); the best chain ends at the
+    node with the largest sum. This is not always the greedy top-1 path: a
+    slightly less likely first token with a confident continuation can be
+    worth more."""
     gain = np.empty(len(tree), np.float64)
     v = _best_node(tree.parent, tree.path_prob, np.int64(len(tree)),
                    float(tree.min_path_prob), gain)
@@ -461,6 +614,8 @@ class TokenRecyclingProposer(Proposer):
         self._breadth = np.asarray(config.tree_breadth, np.int64)
         self._max_nodes = int(config.max_tree_nodes)
         self._min_prob = float(config.min_path_prob)
+        self._batch_slope = float(config.batch_cost_slope)
+        self._calibrate = bool(config.calibrate)
         # Scratch for the kernels, reused every step (one tree at a time).
         self._tok = np.empty(self._max_nodes, np.int32)
         self._par = np.empty(self._max_nodes, np.int32)
@@ -488,19 +643,39 @@ class TokenRecyclingProposer(Proposer):
     def num_active_requests(self) -> int:
         return len(self._active)
 
+    @property
+    def stats(self) -> dict[str, object]:
+        """Diagnostics for ``drafter_snapshot``: matrix fill and reliability."""
+        m = self.matrix
+        return {"rows_filled": m.rows_filled, "matrix_bytes": m.nbytes,
+                "calibrate": self._calibrate, **m.reliability()}
+
     # ------------------------------------------------------------ drafting
-    def draft_tree(self, context: np.ndarray, max_tokens: int) -> DraftTree:
+    def draft_threshold(self, step_rows: int = 1) -> float:
+        """Path probability a drafted token needs (= its verification cost in
+        accepted tokens): ``min_path_prob`` at one row per step, rising by
+        ``batch_cost_slope`` per extra row, at most 0.95."""
+        rows = max(1, int(step_rows))
+        return min(0.95, self._min_prob * (1.0 + self._batch_slope * (rows - 1)))
+
+    def draft_tree(self, context: np.ndarray, max_tokens: int,
+                   step_rows: int = 1) -> DraftTree:
         """The full draft tree for ``context`` (for tree verification and
         inspection; ``propose`` uses the same kernels without building it)."""
         k = min(int(max_tokens), self.num_speculative_tokens)
         root = int(context[-1]) if len(context) else -1
         return DraftTree.build(self.matrix, root, max(k, 0), self._breadth,
-                               self._max_nodes, self._min_prob)
+                               self._max_nodes, self.draft_threshold(step_rows),
+                               self._calibrate)
 
     def propose(self, req_id: str, context: np.ndarray, max_tokens: int) -> list[int]:
         return self.propose_batch([(req_id, context, max_tokens)])[0]
 
-    def propose_batch(self, batch: Sequence[tuple[str, np.ndarray, int]]) -> list[list[int]]:
+    def propose_batch(self, batch: Sequence[tuple[str, np.ndarray, int]],
+                      step_rows: int | None = None) -> list[list[int]]:
+        """Drafts for every row. ``step_rows``: rows the engine verifies this
+        step (default ``len(batch)``; the hybrid passes the full step when it
+        hands over only some rows), which sets :meth:`draft_threshold`."""
         nb = len(batch)
         roots = np.empty(nb, np.int64)
         caps = np.empty(nb, np.int64)
@@ -513,8 +688,11 @@ class TokenRecyclingProposer(Proposer):
             return [[] for _ in range(nb)]
         out = np.empty((nb, width), np.int32)
         lens = np.empty(nb, np.int64)
-        _propose_rows(self.matrix.ids, self.matrix.probs, roots, caps, self._breadth,
-                      self._max_nodes, self._min_prob, out, lens, self._tok, self._par,
+        m = self.matrix
+        threshold = self.draft_threshold(nb if step_rows is None else step_rows)
+        _propose_rows(m.ids, m.probs, m.row_hits, m.row_trials,
+                      _cal_rates(m, self._calibrate), _ROW_PRIOR, roots, caps, self._breadth,
+                      self._max_nodes, threshold, out, lens, self._tok, self._par,
                       self._dep, self._pp, self._gain)
         return [out[i, :lens[i]].tolist() for i in range(nb)]
 
@@ -556,3 +734,4 @@ def warmup() -> None:
     p.matrix = m
     p.propose_batch([("w", np.array([1], np.int32), 4)])
     best_chain(DraftTree.build(m, 1, 4, [2, 1], 8, 0.0))
+    best_chain(DraftTree.build(m, 1, 4, [2, 1], 8, 0.0, calibrate=False))
