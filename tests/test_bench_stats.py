@@ -84,6 +84,9 @@ def test_drafter_delta():
     assert S.drafter_delta(a, b) == {"steps": 20, "rows": 50, "drafted_tokens": 100,
                                      "propose_seconds": pytest.approx(0.75), "errors": 0}
     assert S.drafter_delta(None, b) is None and S.drafter_delta(a, None) is None
+    curve = {"observations": 12, "curve": {"0.90": 0.4}}
+    with_stats = S.drafter_delta(dict(a, proposer_stats=None), dict(b, proposer_stats=curve))
+    assert with_stats["proposer_stats"] == curve and with_stats["steps"] == 20
 
 
 def test_median_spread_and_first_difference():

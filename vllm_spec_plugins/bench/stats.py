@@ -89,11 +89,16 @@ def draft_acceptance_rate(draft_tokens: int, accepted: int) -> Optional[float]:
 
 
 def drafter_delta(before: Optional[dict], after: Optional[dict]) -> Optional[dict[str, Any]]:
-    """Difference of two ``drafter_snapshot`` dicts (numeric counters only)."""
+    """Difference of two ``drafter_snapshot`` dicts (numeric counters), plus
+    the proposer's own diagnostics after the cell (``proposer_stats``, e.g.
+    the recycling matrix's calibration curve), kept as they are."""
     if before is None or after is None:
         return None
     keys = ("steps", "rows", "drafted_tokens", "propose_seconds", "errors")
-    return {k: after.get(k, 0) - before.get(k, 0) for k in keys if k in after}
+    out: dict[str, Any] = {k: after.get(k, 0) - before.get(k, 0) for k in keys if k in after}
+    if after.get("proposer_stats") is not None:
+        out["proposer_stats"] = after["proposer_stats"]
+    return out
 
 
 def proposer_ms_per_step(propose_seconds: float, steps: int) -> Optional[float]:
