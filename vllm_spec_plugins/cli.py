@@ -1,4 +1,4 @@
-"""``vllm-spec-plugins`` command line: models, demo, bench.
+"""``vllm-spec-plugins`` command line: models, demo, bench, deploy.
 
 Errors a user can fix (unknown model, bad settings, missing package) exit
 non-zero with one clear line, never a traceback.
@@ -35,6 +35,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from vllm_spec_plugins.deploy import run_cli
+
+    return run_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-spec-plugins", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -56,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(b)
     b.set_defaults(func=_cmd_bench)
+
+    dep = sub.add_parser("deploy", help="Ray Serve LLM configs and KubeRay manifests")
+    from vllm_spec_plugins.deploy import add_arguments as add_deploy_arguments
+
+    add_deploy_arguments(dep)
+    dep.set_defaults(func=_cmd_deploy)
     return p
 
 

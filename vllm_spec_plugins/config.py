@@ -143,3 +143,31 @@ class SuffixRecyclingConfig(BaseModel):
             raise ValueError(f"must be <= suffix_tree.max_tree_depth-1 "
                              f"({st.max_tree_depth - 1}): longer matches are never found")
         return v
+
+
+class SharingConfig(BaseModel):
+    """``additional_config.spec_plugins_sharing``: share the proposer's
+    cross-request state (suffix-tree responses, Token Recycling rows) with
+    the other replicas through a named Ray actor (see ``sharing.py``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hub: str = Field(
+        "vllm-spec-plugins-hub", min_length=1,
+        description="Name of the Ray actor holding the shared state; replicas "
+                    "with the same hub (and namespace) share. Created if absent.")
+    namespace: str = Field("vllm-spec-plugins", min_length=1,
+                           description="Ray namespace of the hub actor.")
+    ray_address: str = Field(
+        "auto", description="Ray cluster to join when the engine process is not "
+                            "in Ray already (Serve replicas' vLLM workers are not).")
+    interval_s: float = Field(
+        2.0, gt=0, le=3600, allow_inf_nan=False,
+        description="Push local state and pull the others' this often (seconds).")
+    retry_s: float = Field(
+        30.0, gt=0, le=3600, allow_inf_nan=False,
+        description="After a failure (hub gone, Ray unreachable) wait this long "
+                    "before trying again; drafting goes on from the local cache.")
+    max_hub_mb: int = Field(
+        256, ge=1, le=65536,
+        description="Memory bound of the hub's log (oldest payloads evicted).")

@@ -30,6 +30,7 @@ import numpy as np
 # loaded module (register_triton_kernel_overrides), which crashes on llvmlite
 # objects. So numba (via the proposers) is imported only when a drafter is built.
 CONFIG_KEY = "spec_plugins"
+SHARING_KEY = "spec_plugins_sharing"  # additional_config key: share state across replicas
 
 logger = logging.getLogger("vllm_spec_plugins")
 
@@ -78,11 +79,34 @@ def validate_engine_config(vllm_config: Any) -> None:
         return
     from vllm_spec_plugins.registry import PluginConfigError, resolve
 
-    settings = (getattr(vllm_config, "additional_config", None) or {}).get(CONFIG_KEY)
+    extra = getattr(vllm_config, "additional_config", None) or {}
     try:
-        resolve(settings)
+        resolve(extra.get(CONFIG_KEY))
+        sharing_config(extra)
     except PluginConfigError as e:
         raise ValueError(f"vllm-spec-plugins: {e}") from None
+
+
+def sharing_config(additional_config: dict) -> Any:
+    """The validated ``additional_config.spec_plugins_sharing`` (None if absent)."""
+    raw = additional_config.get(SHARING_KEY)
+    if raw is None:
+        return None
+    from pydantic import ValidationError
+
+    from vllm_spec_plugins.config import SharingConfig
+    from vllm_spec_plugins.registry import PluginConfigError
+
+    if not isinstance(raw, dict):
+        raise PluginConfigError(f"additional_config.{SHARING_KEY} must be a JSON object "
+                                '(e.g. {"hub": "my-hub"}; {} = defaults)')
+    try:
+        return SharingConfig(**raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err.get("loc", ())) or "?"
+        raise PluginConfigError(f"additional_config.{SHARING_KEY}.{field}: "
+                                f"{err.get('msg')}") from None
 
 
 def _install_config_validation() -> None:
@@ -140,6 +164,11 @@ def _install_runner_patches() -> None:
                 drafter._runner = self
                 for req_id in scheduler_output.finished_req_ids:
                     drafter.finish_request(req_id)
+                if drafter._sharing is not None:
+                    # A step with nothing scheduled is the engine going idle:
+                    # push what the last requests taught now, not next time.
+                    idle = not getattr(scheduler_output, "total_num_scheduled_tokens", 1)
+                    drafter.sync_shared(force=idle)
             return orig_update(self, scheduler_output, *args, **kwargs)
 
         def propose_draft_token_ids(self, scheduler_output, *args, **kwargs):
@@ -196,6 +225,15 @@ class PluginDrafter:
         # every step, so it never holds more than one step's batch.
         self.topk_width = max(0, int(getattr(self.proposer, "target_topk", 0) or 0))
         self._topk_stash: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        # Cross-replica sharing (sharing.py) when the engine config asks for it.
+        self._sharing = None
+        share = sharing_config(getattr(vllm_config, "additional_config", None) or {})
+        if share is not None:
+            from vllm_spec_plugins.sharing import HubClient
+
+            self._sharing = HubClient(share)
+            self.proposer.enable_sharing()
+            self.stats["shared_in"] = 0
         # Proposers with a state file in their settings save it every
         # _autosave_every finished requests and at exit (Proposer.save_state).
         self._autosave_every = 256
@@ -222,6 +260,17 @@ class PluginDrafter:
         self.stats["finished"] += 1
         if self.stats["finished"] % self._autosave_every == 0:
             self.save_cache()
+
+    def sync_shared(self, force: bool = False) -> None:
+        """Push/pull shared state (never waits on Ray; see sharing.HubClient)."""
+        try:
+            for payload in self._sharing.tick(self.proposer.export_shared, force=force):
+                self.proposer.import_shared(payload)
+                self.stats["shared_in"] += 1
+        except Exception:
+            self.stats["errors"] += 1
+            logger.warning("vllm-spec-plugins: merging shared state failed (drafting goes "
+                           "on from the local cache):\n%s", traceback.format_exc())
 
     def save_cache(self) -> None:
         """Save the proposer's cross-request state where its settings say."""
@@ -381,6 +430,7 @@ class PluginDrafter:
         return {"method": self.method, "tracked_requests": len(self._tracks),
                 "proposer_active_requests": self.proposer.num_active_requests(),
                 "proposer_stats": dict(stats) if isinstance(stats, dict) else None,
+                "sharing": dict(self._sharing.stats) if self._sharing is not None else None,
                 **self.stats}
 
 
@@ -392,6 +442,21 @@ def drafter_snapshot(worker: Any) -> dict[str, Any] | None:
     runner = getattr(worker, "model_runner", None)
     drafter = getattr(runner, "drafter", None)
     return drafter.snapshot() if isinstance(drafter, PluginDrafter) else None
+
+
+def flush_shared_state(worker: Any, timeout_s: float = 10.0) -> dict[str, Any] | None:
+    """For ``llm.collective_rpc(flush_shared_state)``: push this replica's new
+    state to the hub and merge what the others pushed, waiting up to
+    ``timeout_s`` (tests, and before a planned shutdown). Returns the sharing
+    counters, or None when sharing is off."""
+    runner = getattr(worker, "model_runner", None)
+    drafter = getattr(runner, "drafter", None)
+    if not isinstance(drafter, PluginDrafter) or drafter._sharing is None:
+        return None
+    for payload in drafter._sharing.flush(drafter.proposer.export_shared, timeout_s):
+        drafter.proposer.import_shared(payload)
+        drafter.stats["shared_in"] += 1
+    return dict(drafter._sharing.stats, shared_in=drafter.stats["shared_in"])
 
 
 def speculative_config(num_speculative_tokens: int = 16) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import os
 import tempfile
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -96,6 +96,21 @@ class Proposer(abc.ABC):
         (the integration layer calls this periodically and at exit). Returns
         whether a path was configured."""
         return False
+
+    # Optional: sharing cross-request state between replicas (sharing.py).
+    def enable_sharing(self) -> None:
+        """Start recording what ``export_shared`` will return (called once by
+        the integration layer when sharing is configured; costs nothing when
+        it is not)."""
+
+    def export_shared(self) -> Optional[dict]:
+        """What this proposer learnt since the last call, for other replicas
+        (a picklable dict of numpy arrays/lists), or None if nothing."""
+        return None
+
+    def import_shared(self, payload: dict) -> None:
+        """Merge a payload another replica exported (unknown keys ignored:
+        replicas may run different methods)."""
 
     def warmup(self) -> None:
         """Compile/prepare before serving (called once by the integration layer)."""

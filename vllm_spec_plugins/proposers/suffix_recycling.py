@@ -17,7 +17,7 @@ Both halves see every lifecycle hook, so either is ready when chosen.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -79,6 +79,19 @@ class SuffixRecyclingProposer(Proposer):
 
     def num_active_requests(self) -> int:
         return max(self.suffix.num_active_requests(), self.recycling.num_active_requests())
+
+    # ------------------------------------------------------------ sharing
+    def enable_sharing(self) -> None:
+        self.suffix.enable_sharing()
+        self.recycling.enable_sharing()
+
+    def export_shared(self) -> Optional[dict]:
+        out = {**(self.suffix.export_shared() or {}), **(self.recycling.export_shared() or {})}
+        return out or None
+
+    def import_shared(self, payload: dict) -> None:
+        self.suffix.import_shared(payload)
+        self.recycling.import_shared(payload)
 
     @property
     def stats(self) -> dict[str, object]:

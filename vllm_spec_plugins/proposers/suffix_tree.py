@@ -51,7 +51,7 @@ import logging
 import math
 import os
 from collections import deque
-from typing import Hashable, Iterable
+from typing import Hashable, Iterable, Optional
 
 import numpy as np
 from numba import njit
@@ -979,6 +979,8 @@ class SuffixTreeProposer(Proposer):
         self._depth = config.max_tree_depth
         self._reqs: dict[str, _Request] = {}
         self._reset_global()
+        # Responses cached here since the last export_shared (sharing only).
+        self._outbox: Optional[deque[np.ndarray]] = None
         if config.cache_path and os.path.exists(config.cache_path):
             self.load(config.cache_path)
 
@@ -1036,7 +1038,28 @@ class SuffixTreeProposer(Proposer):
         t = r.tree
         q = r.slot
         s0, ln = int(t._sq[q, _Q_START]), int(t._sq[q, _Q_LEN])
-        self._cache_response(t._ar[s0 + r.prompt_len: s0 + ln])
+        response = t._ar[s0 + r.prompt_len: s0 + ln]
+        self._cache_response(response)
+        if self._outbox is not None and self.config.use_global_cache and len(response):
+            self._outbox.append(response.copy())
+
+    # ------------------------------------------------------------ sharing
+    def enable_sharing(self) -> None:
+        if self._outbox is None:
+            # Bounded: a hub that stays away must not grow memory.
+            self._outbox = deque(maxlen=max(1, min(self.config.max_cached_requests, 4096)))
+
+    def export_shared(self) -> Optional[dict]:
+        if not self._outbox:
+            return None
+        out = {"suffix_responses": list(self._outbox)}
+        self._outbox.clear()
+        return out
+
+    def import_shared(self, payload: dict) -> None:
+        """Add other replicas' responses to the global cache (not re-exported)."""
+        for resp in payload.get("suffix_responses", ()):
+            self._cache_response(_as_i32(resp))
 
     def num_active_requests(self) -> int:
         return len(self._reqs)

@@ -353,6 +353,33 @@ class AdjacencyMatrix:
             self.cal_hits *= 0.5
             self.cal_trials *= 0.5
 
+    def import_rows(self, tokens, ids, probs, row_hits, row_trials) -> None:
+        """Set whole rows as they are (another matrix's rows, already sorted
+        and filtered): no scoring, since they were not observed here.
+        Malformed input raises ValueError and changes nothing."""
+        tokens = np.asarray(tokens, np.int64).reshape(-1)
+        ids = np.asarray(ids)
+        probs = np.asarray(probs, np.float32)
+        hits = np.asarray(row_hits, np.float32).reshape(-1)
+        trials = np.asarray(row_trials, np.float32).reshape(-1)
+        n = tokens.shape[0]
+        if (ids.shape != (n, self.k) or probs.shape != (n, self.k)
+                or hits.shape != (n,) or trials.shape != (n,)):
+            raise ValueError(f"import_rows: need tokens [n] with ids/probs [n, {self.k}] "
+                             "and row_hits/row_trials [n]")
+        ok = ((tokens >= 0) & (tokens < self.max_vocab_size)
+              & ((ids >= -1) & (ids < self.max_vocab_size)).all(axis=1)
+              & np.isfinite(probs).all(axis=1) & (probs >= 0).all(axis=1)
+              & (probs <= 1).all(axis=1) & (hits >= 0) & (trials >= hits))
+        tokens, ids, probs, hits, trials = (a[ok] for a in (tokens, ids, probs, hits, trials))
+        if tokens.size == 0:
+            return
+        self._grow_to(int(tokens.max()) + 1)
+        self.ids[tokens] = ids
+        self.probs[tokens] = probs
+        self.row_hits[tokens] = hits
+        self.row_trials[tokens] = trials
+
     def row(self, token: int) -> tuple[list[int], list[float]]:
         """(candidate ids, probabilities) of ``token``, best first."""
         if not 0 <= token < self.ids.shape[0]:
@@ -623,6 +650,8 @@ class TokenRecyclingProposer(Proposer):
         self._pp = np.empty(self._max_nodes, np.float64)
         self._gain = np.empty(self._max_nodes, np.float64)
         self._active: set[str] = set()
+        # Rows written since the last export_shared (sharing only; <= vocab).
+        self._dirty: Optional[set[int]] = None
         if config.matrix_path and os.path.exists(config.matrix_path):
             self.load(config.matrix_path)
 
@@ -636,6 +665,37 @@ class TokenRecyclingProposer(Proposer):
     def on_target_topk(self, req_id: str, input_token_ids: np.ndarray,
                        topk_ids: np.ndarray, topk_probs: np.ndarray) -> None:
         self.matrix.update(input_token_ids, topk_ids, topk_probs)
+        if self._dirty is not None:
+            self._dirty.update(int(t) for t in input_token_ids
+                               if 0 <= t < self.matrix.rows_allocated)
+
+    # ------------------------------------------------------------ sharing
+    def enable_sharing(self) -> None:
+        if self._dirty is None:
+            self._dirty = set()
+
+    def export_shared(self) -> Optional[dict]:
+        """The rows written since the last export (with their reliability)."""
+        if not self._dirty:
+            return None
+        m = self.matrix
+        rows = np.array(sorted(self._dirty), np.int64)
+        self._dirty.clear()
+        rows = rows[m.ids[rows, 0] >= 0]
+        if rows.size == 0:
+            return None
+        return {"recycling_rows": {"k": m.k, "tokens": rows.astype(np.int32),
+                                   "ids": m.ids[rows].copy(), "probs": m.probs[rows].copy(),
+                                   "row_hits": m.row_hits[rows].copy(),
+                                   "row_trials": m.row_trials[rows].copy()}}
+
+    def import_shared(self, payload: dict) -> None:
+        """Overwrite rows with another replica's (newest wins, like the
+        matrix itself); a payload of another width is ignored."""
+        rows = payload.get("recycling_rows")
+        if rows and int(rows.get("k", -1)) == self.matrix.k:
+            self.matrix.import_rows(rows["tokens"], rows["ids"], rows["probs"],
+                                    rows["row_hits"], rows["row_trials"])
 
     def on_request_finish(self, req_id: str, aborted: bool = False) -> None:
         self._active.discard(req_id)

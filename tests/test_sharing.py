@@ -1,0 +1,125 @@
+"""Cross-replica sharing: the hub's log, proposers' export/import (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vllm_spec_plugins.config import SharingConfig, SuffixRecyclingConfig, SuffixTreeConfig
+from vllm_spec_plugins.config import TokenRecyclingConfig
+from vllm_spec_plugins.proposers.suffix_recycling import SuffixRecyclingProposer
+from vllm_spec_plugins.proposers.suffix_tree import SuffixTreeProposer
+from vllm_spec_plugins.proposers.token_recycling import TokenRecyclingProposer
+from vllm_spec_plugins.sharing import SharedStateHub, payload_nbytes
+
+
+def test_hub_log_is_per_replica_ordered_and_bounded():
+    hub = SharedStateHub(max_bytes=10_000)
+    a1 = hub.push("A", {"x": np.arange(10)})
+    b1 = hub.push("B", {"x": np.arange(5)})
+    assert (a1, b1) == (1, 2)
+    latest, got = hub.pull("B", since=0)
+    assert latest == 2 and len(got) == 1 and got[0]["x"].tolist() == list(range(10))
+    latest, got = hub.pull("C", since=1)  # a new replica: everything after 1
+    assert [g["x"].size for g in got] == [5]
+    assert hub.pull("A", since=2) == (2, [])
+    # Memory bound: the oldest payloads go first; one too big is refused.
+    size = payload_nbytes({"x": np.zeros(500, np.int32)})
+    for _ in range(20):
+        hub.push("A", {"x": np.zeros(500, np.int32)})
+    st = hub.stats()
+    assert st["bytes"] <= 10_000 and st["evicted"] > 0 and st["payloads"] == 10_000 // size
+    assert hub.push("A", {"x": np.zeros(10_000, np.int32)}) == 0
+    assert hub.stats()["pushes"] == 23
+
+
+def suffix(**cfg) -> SuffixTreeProposer:
+    return SuffixTreeProposer(SuffixTreeConfig(**cfg), 8)
+
+
+def serve(p, req_id, prompt, output):
+    p.on_request_start(req_id, np.array(prompt, np.int32))
+    p.on_tokens(req_id, np.array(output, np.int32))
+    p.on_request_finish(req_id)
+
+
+def test_suffix_responses_travel_and_draft_on_the_other_replica():
+    a, b = suffix(), suffix()
+    assert a.export_shared() is None  # sharing not enabled: nothing recorded
+    a.enable_sharing()
+    b.enable_sharing()
+    out = list(range(100, 140))
+    serve(a, "r1", [1, 2, 3], out)
+    payload = a.export_shared()
+    assert [r.tolist() for r in payload["suffix_responses"]] == [out]
+    assert a.export_shared() is None  # exported once
+    prompt = np.array([7, 8] + out[:10], np.int32)
+    b.on_request_start("r2", prompt)
+    assert b.propose("r2", prompt, 8) == []  # B never saw it
+    b.import_shared(payload)
+    assert b.propose("r2", prompt, 8) == out[10:18]  # from A's response
+    assert b.export_shared() is None  # imported responses are not re-exported
+    b.import_shared({"recycling_rows": {}})  # another method's payload: ignored
+
+
+def test_suffix_outbox_is_bounded_when_nobody_collects():
+    p = suffix(max_cached_requests=3)
+    p.enable_sharing()
+    for i in range(10):
+        serve(p, f"r{i}", [1], [i + 10, i + 11])
+    assert len(p.export_shared()["suffix_responses"]) == 3
+
+
+def recycling(**cfg) -> TokenRecyclingProposer:
+    return TokenRecyclingProposer(TokenRecyclingConfig(topk=4, tree_breadth=[1], **cfg), 8)
+
+
+def test_recycling_rows_travel_with_their_record():
+    a, b = recycling(), recycling()
+    a.enable_sharing()
+    ids = np.array([[6, 7, -1, -1], [8, 9, -1, -1]], np.int32)
+    probs = np.array([[0.9, 0.05, 0, 0], [0.8, 0.1, 0, 0]], np.float32)
+    a.on_target_topk("r", np.array([5, 6], np.int32), ids, probs)
+    a.on_target_topk("r", np.array([5], np.int32), ids[1:], probs[1:])  # scored overwrite
+    payload = a.export_shared()
+    rows = payload["recycling_rows"]
+    assert rows["tokens"].tolist() == [5, 6]
+    assert rows["row_trials"].tolist() == [1.0, 0.0]
+    assert a.export_shared() is None
+    b.import_shared(payload)
+    assert b.matrix.row(5) == a.matrix.row(5) and b.matrix.row(6) == a.matrix.row(6)
+    assert b.matrix.row_trials[5] == 1.0
+    assert b.propose("s", np.array([5], np.int32), 4) == a.propose("s", np.array([5], np.int32), 4)
+    # Another width, or malformed rows: ignored / refused without a change.
+    before = b.matrix.ids.copy()
+    b.import_shared({"recycling_rows": dict(rows, k=8)})
+    with pytest.raises(ValueError):
+        b.matrix.import_rows(rows["tokens"], rows["ids"][:, :2], rows["probs"],
+                             rows["row_hits"], rows["row_trials"])
+    bad = dict(rows, probs=rows["probs"] * 5)  # out of [0, 1]: those rows are dropped
+    b.import_shared({"recycling_rows": bad})
+    assert np.array_equal(b.matrix.ids, before)
+
+
+def test_hybrid_exports_both_halves():
+    h = SuffixRecyclingProposer(SuffixRecyclingConfig(token_recycling={"topk": 4}), 8)
+    h.enable_sharing()
+    h.on_request_start("r", np.array([1, 2], np.int32))
+    h.on_target_topk("r", np.array([2], np.int32), np.array([[3, 4, -1, -1]], np.int32),
+                     np.array([[0.7, 0.2, 0, 0]], np.float32))
+    h.on_tokens("r", np.array([3, 4, 5], np.int32))
+    h.on_request_finish("r")
+    payload = h.export_shared()
+    assert set(payload) == {"suffix_responses", "recycling_rows"}
+    other = SuffixRecyclingProposer(SuffixRecyclingConfig(token_recycling={"topk": 4}), 8)
+    other.import_shared(payload)
+    assert other.recycling.matrix.row(2)[0] == [3, 4]
+    assert len(other.suffix.cached_responses()) == 1
+
+
+def test_sharing_config_validation():
+    assert SharingConfig().hub == "vllm-spec-plugins-hub"
+    with pytest.raises(ValueError):
+        SharingConfig(interval_s=0)
+    with pytest.raises(ValueError):
+        SharingConfig(hubb="x")

@@ -1,0 +1,184 @@
+"""Share proposer state (suffix-tree responses, Token Recycling rows) across
+replicas through a named Ray actor.
+
+Each replica's drafter pushes what its proposer learnt since the last push
+(``Proposer.export_shared``) and pulls what the other replicas pushed
+(``Proposer.import_shared``), every ``interval_s`` seconds, from the step
+loop and without ever waiting on Ray: a push is fire-and-forget, a pull is
+collected on a later step once it is ready. So a response served by replica
+A warms replica B's suffix cache a few seconds later, and a replica that
+restarts pulls everything the hub still holds.
+
+* :class:`SharedStateHub`: the actor's logic, plain Python (tested alone).
+  A bounded log of payloads (oldest evicted past ``max_bytes``), each with a
+  sequence number and the replica that sent it.
+* :class:`HubClient`: the drafter side. Connects lazily (``ray.init(address=
+  "auto")`` when the process is not in Ray already), creates the hub if
+  absent (``get_if_exists``), and if the hub is gone or Ray is unreachable
+  logs once and retries later: the replica keeps drafting from its local
+  cache meanwhile.
+
+Only the integration layer constructs a HubClient, and only when the engine
+config asks for sharing; nothing imports Ray otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import time
+import uuid
+from collections import deque
+from typing import Any, Optional
+
+from vllm_spec_plugins.config import SharingConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SharedStateHub", "HubClient", "SharingConfig", "payload_nbytes"]
+
+
+def payload_nbytes(payload: Any) -> int:
+    """Size used for the hub's memory bound (numpy arrays by nbytes)."""
+    try:
+        return len(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+    except Exception:  # noqa: BLE001 - unpicklable payloads never reach the hub
+        return 0
+
+
+class SharedStateHub:
+    """A bounded log of proposer payloads, readable by sequence number."""
+
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
+        self.max_bytes = int(max_bytes)
+        self._log: deque[tuple[int, str, Any, int]] = deque()
+        self._bytes = 0
+        self._next = 1
+        self._pushes = 0
+        self._evicted = 0
+
+    def push(self, replica: str, payload: Any) -> int:
+        """Append ``payload`` from ``replica``; returns its sequence number
+        (0 if it alone exceeds the bound and was dropped)."""
+        size = payload_nbytes(payload)
+        self._pushes += 1
+        if size > self.max_bytes or size == 0:
+            return 0
+        seq = self._next
+        self._next += 1
+        self._log.append((seq, replica, payload, size))
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, _, _, s = self._log.popleft()
+            self._bytes -= s
+            self._evicted += 1
+        return seq
+
+    def pull(self, replica: str, since: int = 0) -> tuple[int, list[Any]]:
+        """Payloads newer than ``since`` from other replicas, oldest first,
+        and the newest sequence number (pass it as ``since`` next time)."""
+        out = [p for seq, src, p, _ in self._log if seq > since and src != replica]
+        return self._next - 1, out
+
+    def stats(self) -> dict[str, int]:
+        return {"payloads": len(self._log), "bytes": self._bytes, "pushes": self._pushes,
+                "evicted": self._evicted, "latest": self._next - 1}
+
+
+class HubClient:
+    """The drafter's side of the hub: never blocks the step loop."""
+
+    def __init__(self, config: SharingConfig, replica: Optional[str] = None,
+                 clock=time.monotonic) -> None:
+        self.config = config
+        self.replica = replica or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._clock = clock
+        self._hub = None
+        self._since = 0
+        self._pending_pull = None
+        self._last_sync = -float("inf")
+        self._retry_at = 0.0
+        self._warned = False
+        self.stats = {"pushed": 0, "pulled": 0, "sync_errors": 0}
+
+    # -- connection --------------------------------------------------------
+    def _connect(self):
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=self.config.ray_address, namespace=self.config.namespace,
+                     log_to_driver=False, ignore_reinit_error=True)
+        actor_cls = ray.remote(num_cpus=0)(SharedStateHub)
+        return actor_cls.options(name=self.config.hub, namespace=self.config.namespace,
+                                 lifetime="detached", get_if_exists=True,
+                                 max_restarts=-1).remote(self.config.max_hub_mb << 20)
+
+    def _fail(self, what: str, err: BaseException) -> None:
+        self.stats["sync_errors"] += 1
+        self._hub = None
+        self._pending_pull = None
+        self._retry_at = self._clock() + self.config.retry_s
+        if not self._warned:
+            logger.warning("vllm-spec-plugins: shared cache hub %r unreachable (%s: %s); this "
+                           "replica keeps drafting from its local cache and retries every "
+                           "%.0f s", self.config.hub, what, err, self.config.retry_s)
+            self._warned = True
+
+    # -- the step hook -----------------------------------------------------
+    def tick(self, export, force: bool = False) -> list[Any]:
+        """Called every step: returns payloads pulled from other replicas (to
+        import now). Every ``interval_s`` (or when ``force``), pushes
+        ``export()`` (if not None) and starts the next pull."""
+        now = self._clock()
+        got: list[Any] = []
+        if self._pending_pull is not None:
+            got = self._collect()
+        if not force and now - self._last_sync < self.config.interval_s:
+            return got
+        if now < self._retry_at:
+            return got
+        self._last_sync = now
+        try:
+            if self._hub is None:
+                self._hub = self._connect()
+                if self._warned:
+                    logger.info("vllm-spec-plugins: shared cache hub %r reachable again",
+                                self.config.hub)
+                    self._warned = False
+            payload = export()
+            if payload is not None:
+                self._hub.push.remote(self.replica, payload)
+                self.stats["pushed"] += 1
+            if self._pending_pull is None:
+                self._pending_pull = self._hub.pull.remote(self.replica, self._since)
+        except Exception as e:  # noqa: BLE001 - Ray down, actor dead, bad payload
+            self._fail("push", e)
+        return got
+
+    def _collect(self) -> list[Any]:
+        import ray
+
+        ref = self._pending_pull
+        try:
+            ready, _ = ray.wait([ref], timeout=0)
+            if not ready:
+                return []
+            self._pending_pull = None
+            latest, payloads = ray.get(ref)
+        except Exception as e:  # noqa: BLE001
+            self._fail("pull", e)
+            return []
+        self._since = max(self._since, int(latest))
+        self.stats["pulled"] += len(payloads)
+        return payloads
+
+    def flush(self, export, timeout_s: float = 5.0) -> list[Any]:
+        """Push now and wait (up to ``timeout_s``) for a pull: for tests and
+        shutdown, never called from the step loop."""
+        got = self.tick(export, force=True)
+        deadline = self._clock() + timeout_s
+        while self._pending_pull is not None and self._clock() < deadline:
+            time.sleep(0.05)
+            got += self._collect()
+        return got
