@@ -143,3 +143,17 @@ def test_cli_rayservice_rejects_a_file_that_is_not_a_serve_config(tmp_path, caps
     bad.write_text("kind: Deployment\n")
     assert main(["deploy", "rayservice", "--serve-config", str(bad), "--image", "i"]) == 2
     assert "has no `applications` list" in capsys.readouterr().err
+
+
+def test_recipes_validate_against_ray_serve_llm_itself():
+    """Ray's own schemas accept every recipe; CPU ones get vLLM's mp executor."""
+    llm_mod = pytest.importorskip("ray.serve.llm")
+    from ray.serve.schema import ServeDeploySchema
+
+    for name, (_, target) in deploy.RECIPES.items():
+        cfg = yaml.safe_load((ROOT / "deploy" / "serve" / f"{name}.yaml").read_text())
+        ServeDeploySchema.model_validate(cfg)
+        (llm,) = llm_configs(cfg)
+        engine = llm_mod.LLMConfig(**llm).get_engine_config()
+        backend = engine.get_initialization_kwargs()["distributed_executor_backend"]
+        assert backend == ("mp" if target == "cpu" else "ray"), name
