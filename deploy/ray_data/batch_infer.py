@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu", action="store_true",
                    help="CPU nodes (vLLM CPU build): engine workers on CPU bundles")
     p.add_argument("--pip", nargs="*", help="packages for the engine actors' runtime env")
+    p.add_argument("--num-cpus", type=int,
+                   help="logical CPUs of a local Ray instance (one per pipeline stage is "
+                        "reserved: a 2-core laptop needs ~6); ignored when joining a cluster")
     return p.parse_args(argv)
 
 
@@ -97,7 +100,8 @@ def main(argv=None) -> int:
                 "num_generated_tokens": int(row.get("num_generated_tokens") or 0)}
 
     processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
-    ray.init(ignore_reinit_error=True, runtime_env={"env_vars": dict(PLUGIN_ENV)})
+    init = {"num_cpus": args.num_cpus} if args.num_cpus else {}
+    ray.init(ignore_reinit_error=True, runtime_env={"env_vars": dict(PLUGIN_ENV)}, **init)
     ds = processor(ray.data.from_items(rows))
     Path(args.output).mkdir(parents=True, exist_ok=True)
     ds.write_json(args.output)
