@@ -126,7 +126,7 @@ def test_cli_serve_and_rayservice_roundtrip(tmp_path, capsys):
 @pytest.mark.parametrize("argv, needle", [
     (["deploy", "serve", "--method", "nope", "--model", "/m"], "unknown method 'nope'"),
     (["deploy", "serve", "--method", "suffix_tree", "--model", "/m", "--settings", "{x"],
-     "--settings: not valid JSON"),
+     "--settings: invalid JSON"),
     (["deploy", "serve", "--method", "suffix_tree", "--model", "/m", "--settings",
       '{"max_tree_dpth": 3}'], "spec_plugins.max_tree_dpth"),
     (["deploy", "rayservice", "--serve-config", "/nonexistent.yaml", "--image", "i"],

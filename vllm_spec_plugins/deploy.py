@@ -228,13 +228,9 @@ def add_arguments(p) -> None:
 
 
 def _json_arg(text: str, flag: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{flag}: not valid JSON ({e.msg})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{flag}: expected a JSON object")
-    return obj
+    from vllm_spec_plugins.cli import json_object_arg
+
+    return json_object_arg(text, flag)
 
 
 def _write(text: str, output: Optional[str]) -> None:

@@ -183,14 +183,11 @@ def parse_int_list(text: str, what: str) -> list[int]:
 
 def parse_plugin_config(text: Optional[str]) -> dict[str, Any]:
     """``--plugin-config`` JSON -> dict (must be an object without ``method``)."""
+    from vllm_spec_plugins.cli import json_object_arg
+
     if text is None or not text.strip():
         return {}
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--plugin-config: invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"--plugin-config: expected a JSON object, got {type(obj).__name__}")
+    obj = json_object_arg(text, "--plugin-config")
     if "method" in obj:
         raise ValueError("--plugin-config: 'method' is chosen with --methods, not in --plugin-config")
     return obj
