@@ -10,19 +10,6 @@ import argparse
 import sys
 
 
-def json_object_arg(text: str, flag: str) -> dict:
-    """A command-line JSON object, or ValueError naming ``flag`` and the problem."""
-    import json
-
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{flag}: invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{flag}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
 def _cmd_models(args: argparse.Namespace) -> int:
     from vllm_spec_plugins.models import MODELS, ensure_model, model_dir
 

@@ -228,9 +228,9 @@ def add_arguments(p) -> None:
 
 
 def _json_arg(text: str, flag: str) -> dict[str, Any]:
-    from vllm_spec_plugins.cli import json_object_arg
+    from vllm_spec_plugins.json_input import parse_json_object
 
-    return json_object_arg(text, flag)
+    return parse_json_object(text, flag)
 
 
 def _write(text: str, output: Optional[str]) -> None:

@@ -46,6 +46,7 @@ from vllm_spec_plugins.bench.methods import (
     validate_plugin_settings,
 )
 from vllm_spec_plugins.bench.stats import failures, summarize
+from vllm_spec_plugins.json_input import parse_json_object
 
 DEFAULT_METHODS = "all"
 DEFAULT_WORKLOADS = "code,chat,sharegpt,math,repetitive"
@@ -183,11 +184,9 @@ def parse_int_list(text: str, what: str) -> list[int]:
 
 def parse_plugin_config(text: Optional[str]) -> dict[str, Any]:
     """``--plugin-config`` JSON -> dict (must be an object without ``method``)."""
-    from vllm_spec_plugins.cli import json_object_arg
-
     if text is None or not text.strip():
         return {}
-    obj = json_object_arg(text, "--plugin-config")
+    obj = parse_json_object(text, "--plugin-config")
     if "method" in obj:
         raise ValueError("--plugin-config: 'method' is chosen with --methods, not in --plugin-config")
     return obj

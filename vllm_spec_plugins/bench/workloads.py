@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from vllm_spec_plugins.json_input import parse_json_object
+
 Message = dict
 Conversation = list  # list[Message]
 
@@ -562,12 +564,7 @@ def load_jsonl(
             if not line.strip():
                 continue
             where = f"{p}: line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            obj = parse_json_object(line, where)
             if "messages" in obj:
                 prompts.append(_check_messages(obj["messages"], where))
             elif "prompt" in obj:
