@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import threading
 import time
 import uuid
 from collections import deque
@@ -100,6 +101,7 @@ class HubClient:
         self._last_sync = -float("inf")
         self._retry_at = 0.0
         self._warned = False
+        self._connecting: Optional[threading.Thread] = None
         self.stats = {"pushed": 0, "pulled": 0, "sync_errors": 0}
 
     # -- connection --------------------------------------------------------
@@ -113,6 +115,24 @@ class HubClient:
         return actor_cls.options(name=self.config.hub, namespace=self.config.namespace,
                                  lifetime="detached", get_if_exists=True,
                                  max_restarts=-1).remote(self.config.max_hub_mb << 20)
+
+    def _connect_in_background(self) -> None:
+        """Joining Ray and finding the actor can take seconds (or time out):
+        done on a daemon thread so the step loop never waits for it."""
+        def run():
+            try:
+                hub = self._connect()
+            except Exception as e:  # noqa: BLE001 - Ray down, bad address
+                self._fail("connect", e)
+                return
+            if self._warned:
+                logger.info("vllm-spec-plugins: shared cache hub %r reachable again",
+                            self.config.hub)
+                self._warned = False
+            self._hub = hub
+
+        self._connecting = threading.Thread(target=run, name="vsp-hub-connect", daemon=True)
+        self._connecting.start()
 
     def _fail(self, what: str, err: BaseException) -> None:
         self.stats["sync_errors"] += 1
@@ -129,30 +149,28 @@ class HubClient:
     def tick(self, export, force: bool = False) -> list[Any]:
         """Called every step: returns payloads pulled from other replicas (to
         import now). Every ``interval_s`` (or when ``force``), pushes
-        ``export()`` (if not None) and starts the next pull."""
+        ``export()`` (if not None) and starts the next pull. Never blocks:
+        connecting happens on a background thread."""
         now = self._clock()
         got: list[Any] = []
         if self._pending_pull is not None:
             got = self._collect()
-        if not force and now - self._last_sync < self.config.interval_s:
+        if self._hub is None:
+            idle = self._connecting is None or not self._connecting.is_alive()
+            if idle and now >= self._retry_at:
+                self._connect_in_background()
             return got
-        if now < self._retry_at:
+        if not force and now - self._last_sync < self.config.interval_s:
             return got
         self._last_sync = now
         try:
-            if self._hub is None:
-                self._hub = self._connect()
-                if self._warned:
-                    logger.info("vllm-spec-plugins: shared cache hub %r reachable again",
-                                self.config.hub)
-                    self._warned = False
             payload = export()
             if payload is not None:
                 self._hub.push.remote(self.replica, payload)
                 self.stats["pushed"] += 1
             if self._pending_pull is None:
                 self._pending_pull = self._hub.pull.remote(self.replica, self._since)
-        except Exception as e:  # noqa: BLE001 - Ray down, actor dead, bad payload
+        except Exception as e:  # noqa: BLE001 - actor dead, bad payload
             self._fail("push", e)
         return got
 
@@ -174,10 +192,17 @@ class HubClient:
         return payloads
 
     def flush(self, export, timeout_s: float = 5.0) -> list[Any]:
-        """Push now and wait (up to ``timeout_s``) for a pull: for tests and
-        shutdown, never called from the step loop."""
-        got = self.tick(export, force=True)
+        """Connect if needed, push now and wait (up to ``timeout_s``) for a
+        pull: for tests and shutdown, never called from the step loop."""
         deadline = self._clock() + timeout_s
+        got = self.tick(export, force=True)
+        while self._hub is None and self._clock() < deadline:
+            if self._connecting is None or not self._connecting.is_alive():
+                if self._hub is None and self.stats["sync_errors"]:
+                    return got  # the connection attempt failed
+            time.sleep(0.05)
+        if self._hub is not None:
+            got += self.tick(export, force=True)
         while self._pending_pull is not None and self._clock() < deadline:
             time.sleep(0.05)
             got += self._collect()

@@ -264,13 +264,17 @@ class PluginDrafter:
     def sync_shared(self, force: bool = False) -> None:
         """Push/pull shared state (never waits on Ray; see sharing.HubClient)."""
         try:
-            for payload in self._sharing.tick(self.proposer.export_shared, force=force):
-                self.proposer.import_shared(payload)
-                self.stats["shared_in"] += 1
+            self.merge_shared(self._sharing.tick(self.proposer.export_shared, force=force))
         except Exception:
             self.stats["errors"] += 1
             logger.warning("vllm-spec-plugins: merging shared state failed (drafting goes "
                            "on from the local cache):\n%s", traceback.format_exc())
+
+    def merge_shared(self, payloads: list) -> None:
+        """Import other replicas' payloads into the proposer."""
+        for payload in payloads:
+            self.proposer.import_shared(payload)
+            self.stats["shared_in"] += 1
 
     def save_cache(self) -> None:
         """Save the proposer's cross-request state where its settings say."""
@@ -453,9 +457,7 @@ def flush_shared_state(worker: Any, timeout_s: float = 10.0) -> dict[str, Any] |
     drafter = getattr(runner, "drafter", None)
     if not isinstance(drafter, PluginDrafter) or drafter._sharing is None:
         return None
-    for payload in drafter._sharing.flush(drafter.proposer.export_shared, timeout_s):
-        drafter.proposer.import_shared(payload)
-        drafter.stats["shared_in"] += 1
+    drafter.merge_shared(drafter._sharing.flush(drafter.proposer.export_shared, timeout_s))
     return dict(drafter._sharing.stats, shared_in=drafter.stats["shared_in"])
 
 
