@@ -4,6 +4,8 @@ process at startup, before any worker exists."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
@@ -85,6 +87,15 @@ class TokenRecyclingConfig(BaseModel):
                     "min_path_prob * (1 + batch_cost_slope * (rows - 1)), at "
                     "most 0.95. A bigger batch leaves less idle compute for "
                     "rejected tokens. 0 = the same threshold at every batch.")
+    draft_price: Literal["measured", "fixed"] = Field(
+        "measured",
+        description="What a drafted token must be worth. 'measured': the "
+                    "engine times its own steps (time vs tokens verified) and "
+                    "prices a token at the acceptance probability that pays for "
+                    "its verification at the current batch; min_path_prob and "
+                    "batch_cost_slope apply until that measurement is reliable "
+                    "(a few dozen decode steps). 'fixed': always min_path_prob "
+                    "and batch_cost_slope.")
     calibrate: bool = Field(
         True,
         description="Correct the stored probabilities by what past overwrites "

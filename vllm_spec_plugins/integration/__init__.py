@@ -162,6 +162,7 @@ def _install_runner_patches() -> None:
             drafter = getattr(self, "drafter", None)
             if isinstance(drafter, PluginDrafter):
                 drafter._runner = self
+                drafter.time_step(scheduler_output)
                 for req_id in scheduler_output.finished_req_ids:
                     drafter.finish_request(req_id)
                 if drafter._sharing is not None:
@@ -219,6 +220,14 @@ class PluginDrafter:
         self._runner: Any = None
         self._step_budget = 0
         self._tracks: dict[str, _RequestTrack] = {}
+        # Verification cost per token, timed on this engine (step_cost.py);
+        # proposers that price their drafts by it get it through set_step_cost.
+        from vllm_spec_plugins.proposers.step_cost import StepCostModel
+
+        self.step_cost = StepCostModel()
+        self._pending_step: tuple[float, int, int] | None = None  # (start, tokens, rows)
+        self._step_output_tokens = 0
+        self.proposer.set_step_cost(self.step_cost)
         self.stats = {"steps": 0, "rows": 0, "drafted_tokens": 0, "propose_seconds": 0.0,
                       "errors": 0, "finished": 0, "capture_seconds": 0.0, "captured_rows": 0}
         # Target top-k of this step's verified positions, by request id; rebuilt
@@ -247,6 +256,31 @@ class PluginDrafter:
         warm = getattr(self.proposer, "warmup", None)
         if callable(warm):
             warm()
+
+    # -- step timing (StepCostModel) ----------------------------------------
+    def time_step(self, scheduler_output: Any) -> None:
+        """Called as each step starts: closes the previous step's timing.
+
+        Only pure decode steps are measured (every scheduled request verifies
+        its last token + its drafts; no prefill), and only when the next step
+        follows at once (no new request, so no idle wait in between)."""
+        now = time.perf_counter()
+        try:
+            pending = self._pending_step
+            self._pending_step = None
+            total = int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0)
+            new_reqs = getattr(scheduler_output, "scheduled_new_reqs", None) or ()
+            if pending is not None and total > 0 and not new_reqs:
+                start, tokens, rows = pending
+                self.step_cost.observe(tokens, rows, self._step_output_tokens, now - start)
+            self._step_output_tokens = 0
+            per_req = getattr(scheduler_output, "num_scheduled_tokens", None) or {}
+            spec = getattr(scheduler_output, "scheduled_spec_decode_tokens", None) or {}
+            if total > 0 and not new_reqs and per_req and all(
+                    n == 1 + len(spec.get(r, ())) for r, n in per_req.items()):
+                self._pending_step = (now, total, len(per_req))
+        except Exception:  # timing is advisory: never fail a step over it
+            self._pending_step = None
 
     # -- lifecycle ---------------------------------------------------------
     def finish_request(self, req_id: str) -> None:
@@ -377,6 +411,7 @@ class PluginDrafter:
         for i, sampled in enumerate(sampled_token_ids):
             if not sampled:  # chunked prefill still running
                 continue
+            self._step_output_tokens += len(sampled)
             req_id = req_ids[i]
             if req_id is None:
                 continue
@@ -435,6 +470,7 @@ class PluginDrafter:
                 "proposer_active_requests": self.proposer.num_active_requests(),
                 "proposer_stats": dict(stats) if isinstance(stats, dict) else None,
                 "sharing": dict(self._sharing.stats) if self._sharing is not None else None,
+                "step_cost": self.step_cost.stats,
                 **self.stats}
 
 

@@ -112,6 +112,11 @@ class Proposer(abc.ABC):
         """Merge a payload another replica exported (unknown keys ignored:
         replicas may run different methods)."""
 
+    def set_step_cost(self, model) -> None:
+        """The engine's measured verification cost (a ``StepCostModel``,
+        step_cost.py), given once by the integration layer. A proposer that
+        prices its draft tokens keeps it; the default ignores it."""
+
     def warmup(self) -> None:
         """Compile/prepare before serving (called once by the integration layer)."""
 

@@ -98,6 +98,10 @@ class SuffixRecyclingProposer(Proposer):
         """Diagnostics for ``drafter_snapshot``: choice counts and the matrix's."""
         return {**self.choice_counts, "matrix": self.recycling.stats}
 
+    def set_step_cost(self, model) -> None:
+        self.suffix.set_step_cost(model)
+        self.recycling.set_step_cost(model)
+
     def warmup(self) -> None:
         self.suffix.warmup()
         self.recycling.warmup()

@@ -643,6 +643,7 @@ class TokenRecyclingProposer(Proposer):
         self._min_prob = float(config.min_path_prob)
         self._batch_slope = float(config.batch_cost_slope)
         self._calibrate = bool(config.calibrate)
+        self._step_cost = None  # StepCostModel, when measured pricing is on
         # Scratch for the kernels, reused every step (one tree at a time).
         self._tok = np.empty(self._max_nodes, np.int32)
         self._par = np.empty(self._max_nodes, np.int32)
@@ -708,14 +709,25 @@ class TokenRecyclingProposer(Proposer):
         """Diagnostics for ``drafter_snapshot``: matrix fill and reliability."""
         m = self.matrix
         return {"rows_filled": m.rows_filled, "matrix_bytes": m.nbytes,
-                "calibrate": self._calibrate, **m.reliability()}
+                "calibrate": self._calibrate, "threshold_1_row": round(self.draft_threshold(1), 4),
+                **m.reliability()}
+
+    def set_step_cost(self, model) -> None:
+        if self.config.draft_price == "measured":
+            self._step_cost = model
 
     # ------------------------------------------------------------ drafting
     def draft_threshold(self, step_rows: int = 1) -> float:
         """Path probability a drafted token needs (= its verification cost in
-        accepted tokens): ``min_path_prob`` at one row per step, rising by
-        ``batch_cost_slope`` per extra row, at most 0.95."""
+        accepted tokens). ``draft_price="measured"``: the engine's measured
+        price for a step of ``step_rows`` rows, once the measurement is
+        trustworthy. Otherwise (and until then) ``min_path_prob`` at one row,
+        rising by ``batch_cost_slope`` per extra row, at most 0.95."""
         rows = max(1, int(step_rows))
+        if self._step_cost is not None:
+            price = self._step_cost.token_price(rows)
+            if price is not None:
+                return price
         return min(0.95, self._min_prob * (1.0 + self._batch_slope * (rows - 1)))
 
     def draft_tree(self, context: np.ndarray, max_tokens: int,
