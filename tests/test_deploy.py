@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def llm_configs(cfg: dict) -> list[dict]:
     (app,) = cfg["applications"]
-    assert app["import_path"] == "ray.serve.llm:build_openai_app"
+    assert app["import_path"] == "vllm_spec_plugins.deploy:build_openai_app"
     return app["args"]["llm_configs"]
 
 
@@ -108,6 +108,19 @@ def test_serve_config_validates_settings_and_target():
                             max_replicas=2)
 
 
+def test_serve_config_sharing():
+    cfg = deploy.serve_config("suffix_tree", model_id="m", model_source="/m",
+                              sharing={"hub": "h", "interval_s": 1.0})
+    (llm,) = llm_configs(cfg)
+    assert llm["engine_kwargs"]["additional_config"]["spec_plugins_sharing"] == {
+        "hub": "h", "interval_s": 1.0}
+    (plain,) = llm_configs(deploy.serve_config("suffix_tree", model_id="m", model_source="/m"))
+    assert "spec_plugins_sharing" not in plain["engine_kwargs"]["additional_config"]
+    with pytest.raises(ValueError, match="spec_plugins_sharing.*interval_s"):
+        deploy.serve_config("suffix_tree", model_id="m", model_source="/m",
+                            sharing={"interval_s": -1})
+
+
 def test_cli_serve_and_rayservice_roundtrip(tmp_path, capsys):
     out = tmp_path / "serve.yaml"
     assert main(["deploy", "serve", "--method", "suffix_recycling", "--model", "/models/x",
@@ -131,6 +144,8 @@ def test_cli_serve_and_rayservice_roundtrip(tmp_path, capsys):
       '{"max_tree_dpth": 3}'], "spec_plugins.max_tree_dpth"),
     (["deploy", "rayservice", "--serve-config", "/nonexistent.yaml", "--image", "i"],
      "--serve-config: cannot read /nonexistent.yaml"),
+    (["deploy", "serve", "--method", "suffix_tree", "--model", "/m", "--share",
+      '{"retry_s": 0}'], "spec_plugins_sharing"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(argv, needle, capsys):
     assert main(argv) == 2

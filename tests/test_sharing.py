@@ -31,6 +31,21 @@ def test_hub_log_is_per_replica_ordered_and_bounded():
     assert st["bytes"] <= 10_000 and st["evicted"] > 0 and st["payloads"] == 10_000 // size
     assert hub.push("A", {"x": np.zeros(10_000, np.int32)}) == 0
     assert hub.stats()["pushes"] == 23
+    # Per-replica traffic: A pushed 22 (the refused one counts), B got one of A's.
+    reps = hub.stats()["replicas"]
+    assert reps["A"]["pushed"] == 22 and reps["B"] == {"pushed": 1, "received": 1}
+    assert reps["C"] == {"pushed": 0, "received": 1}
+
+
+def test_hub_forgets_the_least_recent_replicas_beyond_its_bound(monkeypatch):
+    import vllm_spec_plugins.sharing as sharing
+
+    monkeypatch.setattr(sharing, "_MAX_REPLICAS_TRACKED", 3)
+    hub = SharedStateHub()
+    for r in "ABCD":
+        hub.push(r, {"x": 1})
+    hub.pull("B")
+    assert list(hub.stats()["replicas"]) == ["C", "D", "B"]
 
 
 def suffix(**cfg) -> SuffixTreeProposer:

@@ -1,11 +1,13 @@
 """Ray deployment recipes: Ray Serve LLM configs and KubeRay manifests.
 
 One source of truth for the YAML in ``deploy/``: :func:`serve_config` builds
-a ``serve run`` config (``ray.serve.llm:build_openai_app``) for a method of
-this package, :func:`rayservice_manifest` wraps the same config in a KubeRay
+a ``serve run`` config for a method of this package (its app builder,
+:func:`build_openai_app`, is Ray Serve LLM's plus a check that the plugin
+can be imported where the replicas run), :func:`rayservice_manifest` wraps the same config in a KubeRay
 ``RayService`` (``serveConfigV2`` is that YAML, verbatim). Tests check that
 the committed files are what these functions produce, so the recipes cannot
-drift from the code. Nothing here imports Ray or vLLM.
+drift from the code. Ray is imported only inside the functions that need it;
+vLLM never.
 
 CPU vs GPU. Ray Serve LLM runs vLLM's ``mp`` executor when the deployment is
 a CPU one (``accelerator_config: {kind: cpu}``; vLLM's own Ray executor
@@ -22,11 +24,14 @@ from typing import Any, Literal, Optional
 from vllm_spec_plugins.registry import CONFIG_KEY, METHODS, PluginConfigError, resolve
 
 __all__ = ["speculative_engine_kwargs", "serve_config", "rayservice_manifest", "dump_yaml", "RECIPES",
-           "DRAFTER_CLASS_PATH", "PLUGIN_ENV"]
+           "DRAFTER_CLASS_PATH", "PLUGIN_ENV", "APP_BUILDER", "build_openai_app",
+           "check_plugin_importable", "PluginMissingError"]
 
 DRAFTER_CLASS_PATH = "vllm_spec_plugins.integration.PluginDrafter"
 # Every vLLM process of a replica loads the plugin (and only it) through this.
 PLUGIN_ENV = {"VLLM_PLUGINS": "vllm_spec_plugins"}
+#: The recipes' ``import_path``: Ray Serve LLM's builder behind a plugin check.
+APP_BUILDER = "vllm_spec_plugins.deploy:build_openai_app"
 
 #: The committed recipes: deploy/serve/<name>.yaml -> (method, target).
 RECIPES: dict[str, tuple[str, str]] = {
@@ -66,11 +71,14 @@ def serve_config(method: str, *, model_id: str, model_source: str,
                  accelerator_type: Optional[str] = None,
                  engine_kwargs: Optional[dict[str, Any]] = None,
                  pip: Optional[list[str]] = None,
+                 sharing: Optional[dict[str, Any]] = None,
                  app_name: str = "llm", route_prefix: str = "/") -> dict[str, Any]:
     """A ``serve run`` config serving ``model_source`` as ``model_id`` with
     this package's ``method`` (settings validated here, so a typo fails now,
     not in a replica). ``pip``: packages for the replica's runtime env
-    (e.g. ``["vllm-spec-plugins==0.1.0"]``); None = already in the image."""
+    (e.g. ``["vllm-spec-plugins==0.1.0"]``); None = already in the image.
+    ``sharing``: replicas share what the proposer learns through a Ray actor
+    (``SharingConfig`` fields; ``{}`` = the defaults)."""
     if target not in ("cpu", "gpu"):
         raise ValueError(f"target must be 'cpu' or 'gpu', got {target!r}")
     if not 1 <= min_replicas <= max_replicas:
@@ -83,6 +91,14 @@ def serve_config(method: str, *, model_id: str, model_source: str,
     elif tensor_parallel_size != 1:
         raise ValueError("tensor_parallel_size > 1 needs target 'gpu' (vLLM's CPU "
                          "build runs one worker per replica here)")
+    if sharing is not None:
+        from vllm_spec_plugins.integration import SHARING_KEY, sharing_config
+
+        try:
+            sharing_config({SHARING_KEY: sharing})
+        except PluginConfigError as e:  # names the field
+            raise ValueError(str(e)) from None
+        kwargs["additional_config"][SHARING_KEY] = dict(sharing)
     kwargs.update(copy.deepcopy(engine_kwargs or {}))
     runtime_env: dict[str, Any] = {"env_vars": dict(PLUGIN_ENV)}
     if pip:
@@ -101,7 +117,7 @@ def serve_config(method: str, *, model_id: str, model_source: str,
     return {"applications": [{
         "name": app_name,
         "route_prefix": route_prefix,
-        "import_path": "ray.serve.llm:build_openai_app",
+        "import_path": APP_BUILDER,
         "args": {"llm_configs": [llm]},
     }]}
 
@@ -152,6 +168,62 @@ def rayservice_manifest(serve_cfg: dict[str, Any], *, name: str, image: str,
 
 
 #: Where the image recipe (deploy/kuberay/Dockerfile) provisions the default
+# ------------------------------------------------------------ app builder
+class PluginMissingError(RuntimeError):
+    """vllm-spec-plugins cannot be imported where an engine would run."""
+
+
+def check_plugin_importable(runtime_env: Optional[dict[str, Any]] = None,
+                            where: str = "the replicas", timeout_s: float = 900.0) -> None:
+    """Import the plugin in a Ray task with ``runtime_env`` (what a replica
+    or a Ray Data engine actor gets); raise :class:`PluginMissingError`
+    naming the fix if it fails. Without this check the user sees only
+    vLLM's "Engine core initialization failed", with the cause in a
+    replica's log. The task runs on any node: a cluster whose nodes have
+    different images can still differ."""
+    import ray
+
+    def probe() -> Optional[str]:  # nested: pickled by value, needs no plugin to load
+        import importlib
+
+        try:
+            importlib.import_module("vllm_spec_plugins.integration")
+        except Exception as e:  # noqa: BLE001 - reported to the caller
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    task = ray.remote(num_cpus=0)(probe).options(runtime_env=runtime_env or None)
+    err = ray.get(task.remote(), timeout=timeout_s)
+    if err:
+        raise PluginMissingError(
+            f"vllm-spec-plugins cannot be imported where {where} run ({err}); vLLM there "
+            f"could not load the proposer {DRAFTER_CLASS_PATH}. Install the package in the "
+            "image (pip install vllm-spec-plugins), or add it to the runtime_env's pip list "
+            "(`vllm-spec-plugins deploy serve --pip vllm-spec-plugins`).")
+
+
+def _uses_plugin(llm_config: Any) -> bool:
+    kwargs = (llm_config.get("engine_kwargs") if isinstance(llm_config, dict)
+              else getattr(llm_config, "engine_kwargs", None)) or {}
+    spec = kwargs.get("speculative_config") or {}
+    return isinstance(spec, dict) and spec.get("model") == DRAFTER_CLASS_PATH
+
+
+def build_openai_app(args: dict[str, Any]):
+    """``ray.serve.llm:build_openai_app`` after checking, for every LLM
+    config that uses this package, that its runtime env can import it."""
+    from ray.serve.llm import build_openai_app as ray_build_openai_app
+
+    for cfg in (args or {}).get("llm_configs") or []:
+        if _uses_plugin(cfg):
+            model = ((cfg.get("model_loading_config") or {}).get("model_id")
+                     if isinstance(cfg, dict) else None)
+            env = cfg.get("runtime_env") if isinstance(cfg, dict) else getattr(
+                cfg, "runtime_env", None)
+            check_plugin_importable(env, where=f"the replicas of model {model!r}")
+    return ray_build_openai_app(args)
+
+
 #: model: VSP_MODEL_CACHE=/models, then ``vllm-spec-plugins models fetch``.
 IMAGE_MODEL_SOURCE = "/models/smollm2-135m/hf"
 
@@ -213,6 +285,9 @@ def add_arguments(p) -> None:
     s.add_argument("--engine-kwargs", default="{}", help="JSON object of extra vLLM engine args")
     s.add_argument("--pip", nargs="*", help="packages for the replicas' runtime env "
                                             "(default: none, the image has them)")
+    s.add_argument("--share", nargs="?", const="{}", metavar="JSON",
+                   help="replicas share what the proposer learns through a Ray actor; "
+                        "optional JSON object of sharing settings (hub, interval_s, ...)")
     s.add_argument("-o", "--output", help="write here instead of stdout")
     r = sub.add_parser("rayservice", help="a KubeRay RayService wrapping a serve config")
     r.add_argument("--serve-config", required=True, help="a `serve run` YAML file")
@@ -297,7 +372,8 @@ def run_cli(args) -> int:
             min_replicas=args.replicas, max_replicas=args.max_replicas or args.replicas,
             tensor_parallel_size=args.tensor_parallel_size,
             accelerator_type=args.accelerator_type,
-            engine_kwargs=_json_arg(args.engine_kwargs, "--engine-kwargs"), pip=args.pip)
+            engine_kwargs=_json_arg(args.engine_kwargs, "--engine-kwargs"), pip=args.pip,
+            sharing=None if args.share is None else _json_arg(args.share, "--share"))
         _write(dump_yaml(cfg), args.output)
         return 0
     if args.deploy_command == "rayservice":

@@ -30,12 +30,14 @@ import pickle
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Optional
 
 from vllm_spec_plugins.config import SharingConfig
 
 logger = logging.getLogger(__name__)
+
+_MAX_REPLICAS_TRACKED = 256
 
 __all__ = ["SharedStateHub", "HubClient", "SharingConfig", "payload_nbytes"]
 
@@ -58,12 +60,17 @@ class SharedStateHub:
         self._next = 1
         self._pushes = 0
         self._evicted = 0
+        # Per replica: payloads pushed / payloads of others handed to it. At
+        # most _MAX_REPLICAS_TRACKED entries (restarts bring new ids; the
+        # least recently seen are forgotten).
+        self._replicas: OrderedDict[str, list[int]] = OrderedDict()
 
     def push(self, replica: str, payload: Any) -> int:
         """Append ``payload`` from ``replica``; returns its sequence number
         (0 if it alone exceeds the bound and was dropped)."""
         size = payload_nbytes(payload)
         self._pushes += 1
+        self._seen(replica)[0] += 1
         if size > self.max_bytes or size == 0:
             return 0
         seq = self._next
@@ -80,11 +87,21 @@ class SharedStateHub:
         """Payloads newer than ``since`` from other replicas, oldest first,
         and the newest sequence number (pass it as ``since`` next time)."""
         out = [p for seq, src, p, _ in self._log if seq > since and src != replica]
+        self._seen(replica)[1] += len(out)
         return self._next - 1, out
+
+    def _seen(self, replica: str) -> list[int]:
+        rec = self._replicas.pop(replica, None) or [0, 0]
+        self._replicas[replica] = rec
+        while len(self._replicas) > _MAX_REPLICAS_TRACKED:
+            self._replicas.popitem(last=False)
+        return rec
 
     def stats(self) -> dict[str, int]:
         return {"payloads": len(self._log), "bytes": self._bytes, "pushes": self._pushes,
-                "evicted": self._evicted, "latest": self._next - 1}
+                "evicted": self._evicted, "latest": self._next - 1,
+                "replicas": {r: {"pushed": p, "received": n}
+                             for r, (p, n) in self._replicas.items()}}
 
 
 class HubClient:

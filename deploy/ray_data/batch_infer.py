@@ -62,7 +62,8 @@ def read_prompts(path: str) -> list[dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from vllm_spec_plugins.deploy import PLUGIN_ENV, speculative_engine_kwargs
+    from vllm_spec_plugins.deploy import (PLUGIN_ENV, PluginMissingError,
+                                          check_plugin_importable, speculative_engine_kwargs)
 
     try:
         settings = json.loads(args.settings)
@@ -102,6 +103,11 @@ def main(argv=None) -> int:
     processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
     init = {"num_cpus": args.num_cpus} if args.num_cpus else {}
     ray.init(ignore_reinit_error=True, runtime_env={"env_vars": dict(PLUGIN_ENV)}, **init)
+    try:  # fail now, naming the fix, not deep in an engine actor's log
+        check_plugin_importable(runtime_env, where="the Ray Data engine actors")
+    except PluginMissingError as e:
+        print(f"batch_infer: error: {e}", file=sys.stderr)
+        return 2
     ds = processor(ray.data.from_items(rows))
     Path(args.output).mkdir(parents=True, exist_ok=True)
     ds.write_json(args.output)

@@ -1,0 +1,236 @@
+"""Ray Serve LLM with two CPU replicas sharing what they learn, and failures.
+
+* Both replicas push to and receive from the sharing hub (a named Ray actor).
+* A replica killed while requests stream: every request ends (completed or
+  an error, never a hang), the other replica keeps serving, Serve replaces
+  the dead one.
+* The plugin missing where the replicas run: the app builder of the recipes
+  fails at once with a message that names the fix, instead of vLLM's
+  "Engine core initialization failed" deep in a replica's log.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+pytest.importorskip("vllm")
+pytest.importorskip("ray.serve.llm")
+openai = pytest.importorskip("openai")
+
+from vllm_spec_plugins.deploy import (PLUGIN_ENV, PluginMissingError,  # noqa: E402
+                                      build_openai_app, dump_yaml, serve_config)
+
+pytestmark = pytest.mark.engine
+SERVE_PORT = 8000
+BIN = os.path.dirname(sys.executable)
+NAMESPACE = "vllm-spec-plugins"
+HUB = f"serve-hub-{uuid.uuid4().hex[:8]}"
+APP = "llm"
+
+# A sitecustomize that makes `vllm_spec_plugins` unimportable in any process
+# started with VSP_HIDE_PLUGIN=1: a Ray worker "without the plugin".
+HIDE_PLUGIN = '''
+import os, sys
+if os.environ.get("VSP_HIDE_PLUGIN") == "1":
+    class _Hide:
+        def find_spec(self, name, path=None, target=None):
+            if name == "vllm_spec_plugins" or name.startswith("vllm_spec_plugins."):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+    sys.meta_path.insert(0, _Hide())
+'''
+
+
+def _ray(*args: str, env=None, check=True) -> subprocess.CompletedProcess:
+    return subprocess.run([os.path.join(BIN, "ray"), *args], env=env, check=check,
+                          capture_output=True, text=True, timeout=180)
+
+
+def _get(url: str, timeout: float = 5.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read().decode()
+
+
+def _replica_states() -> list[str]:
+    from ray import serve
+
+    app = serve.status().applications.get(APP)
+    if app is None:
+        return []
+    # Ray Serve LLM names the engine deployment "LLMServer:<model id>".
+    return [str(getattr(s, "value", s)) for name, d in app.deployments.items()
+            if name.startswith("LLMServer") for s, n in d.replica_states.items()
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from engine_utils import model_path
+
+    model_dir = model_path()
+    if shutil.which("ray", path=BIN) is None:
+        pytest.skip("ray CLI not installed")
+    tmp = tmp_path_factory.mktemp("serve_replicas")
+    env = dict(os.environ, VLLM_PLUGINS="vllm_spec_plugins", HF_HUB_OFFLINE="1",
+               RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0")
+    _ray("stop", "--force", env=env, check=False)
+    _ray("start", "--head", "--num-cpus", "8", "--include-dashboard", "false",
+         "--disable-usage-stats", env=env)
+    import ray
+
+    ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False)
+    try:
+        yield {"tmp": tmp, "env": env, "model_dir": model_dir}
+    finally:
+        ray.shutdown()
+        _ray("stop", "--force", env=env, check=False)
+
+
+@pytest.fixture(scope="module")
+def served(cluster):
+    """`serve run` of a two-replica recipe with sharing on."""
+    tmp, env = cluster["tmp"], cluster["env"]
+    cfg = serve_config("suffix_tree", model_id="smollm2", model_source=cluster["model_dir"],
+                       target="cpu", num_speculative_tokens=8, min_replicas=2,
+                       max_replicas=2, app_name=APP,
+                       sharing={"hub": HUB, "interval_s": 0.5, "retry_s": 1.0},
+                       engine_kwargs={"dtype": "float32", "enforce_eager": True,
+                                      "max_model_len": 2048,
+                                      "kv_cache_memory_bytes": 1 << 30})
+    path = tmp / "serve.yaml"
+    path.write_text(dump_yaml(cfg))
+    log_path = tmp / "serve.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([os.path.join(BIN, "serve"), "run", "--address", "auto", str(path)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"serve run exited {proc.returncode}:\n"
+                                   + log_path.read_text()[-4000:])
+            try:
+                if ("smollm2" in _get(f"http://127.0.0.1:{SERVE_PORT}/v1/models")
+                        and _replica_states().count("RUNNING") == 2):
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("two replicas not ready in 600 s:\n"
+                                   + log_path.read_text()[-4000:])
+            time.sleep(3)
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{SERVE_PORT}/v1", api_key="none",
+                            max_retries=0, timeout=300)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+TOPICS = ["a lighthouse keeper", "a robot gardener", "a lost kite", "a sleepy dragon",
+          "a brave snail", "a city under snow"]
+
+
+def ask(client, topic: str, max_tokens: int = 48, stream: bool = False):
+    messages = [{"role": "user", "content": f"Write a short story about {topic}."}]
+    if not stream:
+        r = client.chat.completions.create(model="smollm2", messages=messages,
+                                           max_tokens=max_tokens, temperature=0)
+        return r.choices[0].message.content, r.choices[0].finish_reason
+    parts, finish = [], None
+    for c in client.chat.completions.create(model="smollm2", messages=messages,
+                                            max_tokens=max_tokens, temperature=0,
+                                            stream=True):
+        if c.choices:
+            parts.append(c.choices[0].delta.content or "")
+            finish = c.choices[0].finish_reason or finish
+    return "".join(parts), finish
+
+
+def hub_stats() -> dict:
+    import ray
+
+    return ray.get(ray.get_actor(HUB, namespace=NAMESPACE).stats.remote())
+
+
+def test_both_replicas_push_to_and_receive_from_the_hub(served):
+    # Concurrent requests: Serve's router spreads them over both replicas.
+    with cf.ThreadPoolExecutor(4) as pool:
+        for text, finish in pool.map(lambda t: ask(served, t), TOPICS[:4]):
+            assert text and finish in ("stop", "length")
+    deadline = time.monotonic() + 60
+    while True:  # replicas push finished responses within interval_s (idle steps flush)
+        reps = hub_stats()["replicas"]
+        active = [r for r in reps.values() if r["pushed"] > 0 and r["received"] > 0]
+        if len(active) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert len(active) >= 2, f"hub saw {reps}"
+
+
+def test_replica_killed_mid_request_others_keep_serving(served):
+    import ray
+    from ray.util.state import list_actors
+
+    def stream(topic):
+        try:
+            return ask(served, topic, max_tokens=400, stream=True)
+        except Exception as e:  # noqa: BLE001 - the killed replica's requests may fail
+            return e
+
+    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                if "LLMServer" in (a.class_name or "")]
+    assert len(replicas) == 2, [a.class_name for a in replicas]
+    with cf.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(stream, t) for t in TOPICS[:4]]
+        time.sleep(4)  # requests are streaming on both replicas
+        victim = ray.get_actor(replicas[0].name, namespace=replicas[0].ray_namespace)
+        ray.kill(victim, no_restart=True)
+        outcomes = [f.result(timeout=300) for f in futures]  # none hangs
+    done = [o for o in outcomes if isinstance(o, tuple) and o[1] in ("stop", "length")]
+    assert done, f"no request finished: {outcomes}"
+    # The survivor serves new requests at once...
+    text, finish = ask(served, TOPICS[4])
+    assert text and finish in ("stop", "length")
+    # ...and Serve brings the deployment back to two replicas.
+    deadline = time.monotonic() + 420
+    while _replica_states().count("RUNNING") < 2:
+        assert time.monotonic() < deadline, f"not replaced: {_replica_states()}"
+        time.sleep(3)
+    text, finish = ask(served, TOPICS[5])
+    assert text and finish in ("stop", "length")
+
+
+def test_plugin_missing_on_the_replicas_fails_at_build_naming_the_fix(cluster, tmp_path):
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(HIDE_PLUGIN)
+    cfg = serve_config("suffix_tree", model_id="noplugin", model_source=cluster["model_dir"],
+                       target="cpu", app_name="noplugin", route_prefix="/noplugin")
+    (llm,) = cfg["applications"][0]["args"]["llm_configs"]
+    llm["runtime_env"] = {"env_vars": {**PLUGIN_ENV, "PYTHONPATH": str(hide),
+                                       "VSP_HIDE_PLUGIN": "1"}}
+    with pytest.raises(PluginMissingError) as e:
+        build_openai_app(cfg["applications"][0]["args"])
+    msg = str(e.value)
+    assert "No module named 'vllm_spec_plugins" in msg
+    assert "pip install vllm-spec-plugins" in msg and "runtime_env" in msg
+    # With the plugin there, the same check passes.
+    llm["runtime_env"] = {"env_vars": dict(PLUGIN_ENV)}
+    from vllm_spec_plugins.deploy import check_plugin_importable
+
+    check_plugin_importable(llm["runtime_env"])
