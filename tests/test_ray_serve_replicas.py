@@ -167,24 +167,36 @@ def hub_stats() -> dict:
     return ray.get(ray.get_actor(HUB, namespace=NAMESPACE).stats.remote())
 
 
-def test_both_replicas_push_to_and_receive_from_the_hub(served):
-    # Concurrent requests: Serve's router spreads them over both replicas.
-    with cf.ThreadPoolExecutor(4) as pool:
-        for text, finish in pool.map(lambda t: ask(served, t), TOPICS[:4]):
-            assert text and finish in ("stop", "length")
-    deadline = time.monotonic() + 60
-    while True:  # replicas push finished responses within interval_s (idle steps flush)
+def wait_for_hub(pred, timeout_s: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
         reps = hub_stats()["replicas"]
-        active = [r for r in reps.values() if r["pushed"] > 0 and r["received"] > 0]
-        if len(active) >= 2 or time.monotonic() > deadline:
-            break
+        if pred(reps) or time.monotonic() > deadline:
+            return reps
         time.sleep(1)
-    assert len(active) >= 2, f"hub saw {reps}"
+
+
+def test_both_replicas_push_to_and_receive_from_the_hub(served):
+    # Concurrent requests: Serve's router spreads them over both replicas,
+    # and each pushes its finished responses (the idle step flushes).
+    def round_of(topics):
+        with cf.ThreadPoolExecutor(4) as pool:
+            for text, finish in pool.map(lambda t: ask(served, t), topics):
+                assert text and finish in ("stop", "length")
+
+    round_of(TOPICS[:4])
+    reps = wait_for_hub(lambda r: sum(v["pushed"] > 0 for v in r.values()) >= 2)
+    assert sum(v["pushed"] > 0 for v in reps.values()) >= 2, f"hub saw {reps}"
+    # A replica pulls while it runs steps: the next round brings each one the
+    # other's responses.
+    round_of(TOPICS[2:6])
+    reps = wait_for_hub(lambda r: sum(v["pushed"] > 0 and v["received"] > 0
+                                      for v in r.values()) >= 2)
+    assert sum(v["pushed"] > 0 and v["received"] > 0 for v in reps.values()) >= 2, reps
 
 
 def test_replica_killed_mid_request_others_keep_serving(served):
     import ray
-    from ray.util.state import list_actors
 
     def stream(topic):
         try:
@@ -192,13 +204,14 @@ def test_replica_killed_mid_request_others_keep_serving(served):
         except Exception as e:  # noqa: BLE001 - the killed replica's requests may fail
             return e
 
-    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                if "LLMServer" in (a.class_name or "")]
-    assert len(replicas) == 2, [a.class_name for a in replicas]
+    # Serve names its replica actors "SERVE_REPLICA::<app>#<deployment>#<id>".
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith(f"SERVE_REPLICA::{APP}#LLMServer")]
+    assert len(replicas) == 2, replicas
     with cf.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(stream, t) for t in TOPICS[:4]]
         time.sleep(4)  # requests are streaming on both replicas
-        victim = ray.get_actor(replicas[0].name, namespace=replicas[0].ray_namespace)
+        victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
         ray.kill(victim, no_restart=True)
         outcomes = [f.result(timeout=300) for f in futures]  # none hangs
     done = [o for o in outcomes if isinstance(o, tuple) and o[1] in ("stop", "length")]
