@@ -30,6 +30,8 @@ __all__ = ["speculative_engine_kwargs", "serve_config", "rayservice_manifest", "
 DRAFTER_CLASS_PATH = "vllm_spec_plugins.integration.PluginDrafter"
 # Every vLLM process of a replica loads the plugin (and only it) through this.
 PLUGIN_ENV = {"VLLM_PLUGINS": "vllm_spec_plugins"}
+#: KV cache per CPU replica (a CPU node serves a few concurrent requests).
+CPU_KV_CACHE_BYTES = 4 << 30
 #: The recipes' ``import_path``: Ray Serve LLM's builder behind a plugin check.
 APP_BUILDER = "vllm_spec_plugins.deploy:build_openai_app"
 
@@ -88,7 +90,12 @@ def serve_config(method: str, *, model_id: str, model_source: str,
                                                           settings)}
     if target == "gpu":
         kwargs["tensor_parallel_size"] = int(tensor_parallel_size)
-    elif tensor_parallel_size != 1:
+    else:
+        # vLLM's CPU build otherwise reserves 92% of the node's memory for the
+        # KV cache and refuses to start when that much is not free (it never
+        # is next to Ray's own processes). Override in engine_kwargs.
+        kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    if target != "gpu" and tensor_parallel_size != 1:
         raise ValueError("tensor_parallel_size > 1 needs target 'gpu' (vLLM's CPU "
                          "build runs one worker per replica here)")
     if sharing is not None:

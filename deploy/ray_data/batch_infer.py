@@ -2,7 +2,9 @@
 
 Reads a JSONL of prompts (one object per line: {"prompt": "..."} or
 {"messages": [...]}; other fields are carried to the output), runs them
-through Ray Data's vLLM processor with the chosen method, writes JSONL.
+through Ray Data's vLLM processor with the chosen method, writes JSONL: each
+input line's fields plus generated_text, num_generated_tokens and
+rendered_prompt (the prompt after the chat template).
 
     python deploy/ray_data/batch_infer.py --input prompts.jsonl --output out/ \
         --model /models/smollm2-135m/hf --method suffix_tree --cpu
@@ -34,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=1, help="engine replicas")
     p.add_argument("--cpu", action="store_true",
                    help="CPU nodes (vLLM CPU build): engine workers on CPU bundles")
+    p.add_argument("--kv-cache-gib", type=float, default=2.0,
+                   help="KV cache per engine on CPU (vLLM's CPU build otherwise reserves "
+                        "92%% of the node's memory and fails if that much is not free)")
     p.add_argument("--pip", nargs="*", help="packages for the engine actors' runtime env")
     p.add_argument("--num-cpus", type=int,
                    help="logical CPUs of a local Ray instance (one per pipeline stage is "
@@ -75,6 +80,11 @@ def main(argv=None) -> int:
     rows = read_prompts(args.input)
 
     import ray
+
+    # Before anything else touches Ray (building the processor starts a
+    # default local instance otherwise, with one logical CPU per core).
+    init = {"num_cpus": args.num_cpus} if args.num_cpus else {}
+    ray.init(ignore_reinit_error=True, runtime_env={"env_vars": dict(PLUGIN_ENV)}, **init)
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     runtime_env = {"env_vars": dict(PLUGIN_ENV)}
@@ -84,25 +94,30 @@ def main(argv=None) -> int:
     if args.cpu:
         # CPU bundles only: Ray Data then schedules the engine without GPUs.
         extra["placement_group_config"] = {"bundles": [{"CPU": 1}]}
+        engine_extra = {"kv_cache_memory_bytes": int(args.kv_cache_gib * (1 << 30)),
+                        "enforce_eager": True}
+    else:
+        engine_extra = {}
     config = vLLMEngineProcessorConfig(
         model_source=args.model,
-        engine_kwargs={"dtype": args.dtype, "max_model_len": 4096, **spec_kwargs},
+        engine_kwargs={"dtype": args.dtype, "max_model_len": 4096, **engine_extra,
+                       **spec_kwargs},
         runtime_env=runtime_env, batch_size=args.batch_size, concurrency=args.concurrency,
         **extra)
     sampling = {"temperature": args.temperature, "max_tokens": args.max_tokens}
 
     def preprocess(row: dict) -> dict:
         messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
-        return {**row, "messages": messages, "sampling_params": sampling}
+        # The stages rewrite "prompt" (chat template applied): carry the
+        # input line as it was, to give it back unchanged.
+        return {"input_row": json.dumps(row), "messages": messages, "sampling_params": sampling}
 
     def postprocess(row: dict) -> dict:
-        keep = {k: v for k, v in row.items() if k in ("id", "prompt", "messages")}
-        return {**keep, "generated_text": row["generated_text"],
-                "num_generated_tokens": int(row.get("num_generated_tokens") or 0)}
+        return {**json.loads(row["input_row"]), "generated_text": row["generated_text"],
+                "num_generated_tokens": int(row.get("num_generated_tokens") or 0),
+                "rendered_prompt": row.get("prompt")}
 
     processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
-    init = {"num_cpus": args.num_cpus} if args.num_cpus else {}
-    ray.init(ignore_reinit_error=True, runtime_env={"env_vars": dict(PLUGIN_ENV)}, **init)
     try:  # fail now, naming the fix, not deep in an engine actor's log
         check_plugin_importable(runtime_env, where="the Ray Data engine actors")
     except PluginMissingError as e:
