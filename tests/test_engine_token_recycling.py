@@ -44,6 +44,11 @@ def test_greedy_identical_and_learns_from_target(llm, baseline_outputs):
         assert not bad, f"outputs differ from no speculation for: {bad}"
     snap = drafter_state(llm)
     assert snap["errors"] == 0 and snap["captured_rows"] > 0
+    # The engine's decode steps were timed (StepCostModel): scheduler fields
+    # the timing reads are still there, and a price came out of them.
+    cost = snap["step_cost"]
+    assert cost["steps"] > 32 and cost["step_ms"] > 0, cost
+    assert snap["proposer_stats"]["threshold_1_row"] > 0
     acc1, acc2 = delta(c1, c0, "accepted_tokens"), delta(c2, c1, "accepted_tokens")
     assert acc2 > 0
     # the matrix holds what the target said on the first pass: the second accepts more

@@ -5,14 +5,8 @@ acceptance counters from Ray's Prometheus export."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
 
@@ -20,28 +14,18 @@ pytest.importorskip("vllm")
 pytest.importorskip("ray.serve.llm")
 openai = pytest.importorskip("openai")
 
+from ray_utils import SERVE_PORT, http_get, ray_head, serve_env, serve_run  # noqa: E402
+
 from vllm_spec_plugins.deploy import dump_yaml, serve_config  # noqa: E402
 
 pytestmark = pytest.mark.engine
-SERVE_PORT = 8000
 METRICS_PORT = 8090
-BIN = os.path.dirname(sys.executable)
-
-
-def _ray(*args: str, env=None, check=True) -> subprocess.CompletedProcess:
-    return subprocess.run([os.path.join(BIN, "ray"), *args], env=env, check=check,
-                          capture_output=True, text=True, timeout=180)
-
-
-def _get(url: str, timeout: float = 5.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read().decode()
 
 
 def spec_metric(name: str) -> float:
     """Sum of a vLLM spec-decode counter in Ray's Prometheus export."""
     total = 0.0
-    for line in _get(f"http://127.0.0.1:{METRICS_PORT}/metrics").splitlines():
+    for line in http_get(f"http://127.0.0.1:{METRICS_PORT}/metrics").splitlines():
         if not line.startswith("#") and re.search(rf"spec_decode_num_{name}(_total)?\{{", line):
             total += float(line.rsplit(" ", 1)[1])
     return total
@@ -52,14 +36,8 @@ def served(tmp_path_factory):
     from engine_utils import model_path
 
     model_dir = model_path()
-    if shutil.which("ray", path=BIN) is None:
-        pytest.skip("ray CLI not installed")
     tmp = tmp_path_factory.mktemp("serve")
-    env = dict(os.environ, VLLM_PLUGINS="vllm_spec_plugins", HF_HUB_OFFLINE="1",
-               RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0")
-    _ray("stop", "--force", env=env, check=False)
-    _ray("start", "--head", "--num-cpus", "4", "--metrics-export-port", str(METRICS_PORT),
-         "--include-dashboard", "false", "--disable-usage-stats", env=env)
+    env = serve_env()
     cfg = serve_config("suffix_tree", model_id="smollm2", model_source=model_dir,
                        target="cpu", num_speculative_tokens=8,
                        engine_kwargs={"dtype": "float32", "enforce_eager": True,
@@ -67,34 +45,11 @@ def served(tmp_path_factory):
                                       "kv_cache_memory_bytes": 1 << 30})
     path = tmp / "serve.yaml"
     path.write_text(dump_yaml(cfg))
-    log = open(tmp / "serve.log", "w")
-    proc = subprocess.Popen([os.path.join(BIN, "serve"), "run", "--address", "auto", str(path)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 480
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"serve run exited {proc.returncode}:\n"
-                                   + (tmp / "serve.log").read_text()[-4000:])
-            try:
-                if "smollm2" in _get(f"http://127.0.0.1:{SERVE_PORT}/v1/models"):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("serve run not ready in 480 s:\n"
-                                   + (tmp / "serve.log").read_text()[-4000:])
-            time.sleep(3)
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{SERVE_PORT}/v1", api_key="none")
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        _ray("stop", "--force", env=env, check=False)
-        log.close()
+    with ray_head(env, "--num-cpus", "4", "--metrics-export-port", str(METRICS_PORT)):
+        with serve_run(path, tmp / "serve.log", env,
+                       ready=lambda: "smollm2" in http_get(
+                           f"http://127.0.0.1:{SERVE_PORT}/v1/models")):
+            yield openai.OpenAI(base_url=f"http://127.0.0.1:{SERVE_PORT}/v1", api_key="none")
 
 
 PROMPT = [{"role": "user", "content": "Repeat exactly, three times, one per line: "

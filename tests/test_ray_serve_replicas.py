@@ -12,13 +12,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
-import shutil
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 
 import pytest
@@ -27,12 +21,12 @@ pytest.importorskip("vllm")
 pytest.importorskip("ray.serve.llm")
 openai = pytest.importorskip("openai")
 
+from ray_utils import SERVE_PORT, http_get, ray_head, serve_env, serve_run  # noqa: E402
+
 from vllm_spec_plugins.deploy import (PLUGIN_ENV, PluginMissingError,  # noqa: E402
                                       build_openai_app, dump_yaml, serve_config)
 
 pytestmark = pytest.mark.engine
-SERVE_PORT = 8000
-BIN = os.path.dirname(sys.executable)
 NAMESPACE = "vllm-spec-plugins"
 HUB = f"serve-hub-{uuid.uuid4().hex[:8]}"
 APP = "llm"
@@ -49,16 +43,6 @@ if os.environ.get("VSP_HIDE_PLUGIN") == "1":
             return None
     sys.meta_path.insert(0, _Hide())
 '''
-
-
-def _ray(*args: str, env=None, check=True) -> subprocess.CompletedProcess:
-    return subprocess.run([os.path.join(BIN, "ray"), *args], env=env, check=check,
-                          capture_output=True, text=True, timeout=180)
-
-
-def _get(url: str, timeout: float = 5.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read().decode()
 
 
 def _replica_states() -> list[str]:
@@ -78,28 +62,21 @@ def cluster(tmp_path_factory):
     from engine_utils import model_path
 
     model_dir = model_path()
-    if shutil.which("ray", path=BIN) is None:
-        pytest.skip("ray CLI not installed")
     tmp = tmp_path_factory.mktemp("serve_replicas")
-    env = dict(os.environ, VLLM_PLUGINS="vllm_spec_plugins", HF_HUB_OFFLINE="1",
-               RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0")
-    _ray("stop", "--force", env=env, check=False)
-    _ray("start", "--head", "--num-cpus", "8", "--include-dashboard", "false",
-         "--disable-usage-stats", env=env)
-    import ray
+    env = serve_env()
+    with ray_head(env, "--num-cpus", "8"):
+        import ray
 
-    ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False)
-    try:
-        yield {"tmp": tmp, "env": env, "model_dir": model_dir}
-    finally:
-        ray.shutdown()
-        _ray("stop", "--force", env=env, check=False)
+        ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False)
+        try:
+            yield {"tmp": tmp, "env": env, "model_dir": model_dir}
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture(scope="module")
 def served(cluster):
     """`serve run` of a two-replica recipe with sharing on."""
-    tmp, env = cluster["tmp"], cluster["env"]
     cfg = serve_config("suffix_tree", model_id="smollm2", model_source=cluster["model_dir"],
                        target="cpu", num_speculative_tokens=8, min_replicas=2,
                        max_replicas=2, app_name=APP,
@@ -107,38 +84,16 @@ def served(cluster):
                        engine_kwargs={"dtype": "float32", "enforce_eager": True,
                                       "max_model_len": 2048,
                                       "kv_cache_memory_bytes": 1 << 30})
-    path = tmp / "serve.yaml"
+    path = cluster["tmp"] / "serve.yaml"
     path.write_text(dump_yaml(cfg))
-    log_path = tmp / "serve.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([os.path.join(BIN, "serve"), "run", "--address", "auto", str(path)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"serve run exited {proc.returncode}:\n"
-                                   + log_path.read_text()[-4000:])
-            try:
-                if ("smollm2" in _get(f"http://127.0.0.1:{SERVE_PORT}/v1/models")
-                        and _replica_states().count("RUNNING") == 2):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("two replicas not ready in 600 s:\n"
-                                   + log_path.read_text()[-4000:])
-            time.sleep(3)
+
+    def ready() -> bool:
+        return ("smollm2" in http_get(f"http://127.0.0.1:{SERVE_PORT}/v1/models")
+                and _replica_states().count("RUNNING") == 2)
+
+    with serve_run(path, cluster["tmp"] / "serve.log", cluster["env"], ready, timeout_s=600):
         yield openai.OpenAI(base_url=f"http://127.0.0.1:{SERVE_PORT}/v1", api_key="none",
                             max_retries=0, timeout=300)
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 TOPICS = ["a lighthouse keeper", "a robot gardener", "a lost kite", "a sleepy dragon",
