@@ -97,7 +97,7 @@ class SharedStateHub:
             self._replicas.popitem(last=False)
         return rec
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         return {"payloads": len(self._log), "bytes": self._bytes, "pushes": self._pushes,
                 "evicted": self._evicted, "latest": self._next - 1,
                 "replicas": {r: {"pushed": p, "received": n}
