@@ -99,6 +99,16 @@ def test_bench_end_to_end(bench_run):
     assert any(rows[(w, s, "suffix_tree")]["spec"]["drafts"] > 0 for w in WORKLOADS for s in SCENARIOS)
     assert all(rows[(w, s, "none")]["spec"]["drafts"] == 0 for w in WORKLOADS for s in SCENARIOS)
     assert any(rows[(w, s, "suffix_tree")]["proposer_ms_per_step"] is not None for w in WORKLOADS for s in SCENARIOS)
+    # drafting overhead is measured for vLLM's own ngram as well as for the plugin
+    for m in LOSSLESS:
+        for w in WORKLOADS:
+            for s in SCENARIOS:
+                r = rows[(w, s, m)]
+                assert r["draft_ms_per_step"] is not None and r["draft_ms_per_step"] > 0, (w, s, m)
+                assert 0 < r["draft_share"] < 1, (w, s, m)
+                t = cells[m][(w, s)]["draft_time"]
+                assert t["calls"] > 0 and t["seconds"] > 0, (w, s, m)
+    assert all(rows[(w, s, "none")]["draft_ms_per_step"] is None for w in WORKLOADS for s in SCENARIOS)
 
     # ---- code is scored (HumanEval pass@1), the same for every lossless method of a cell
     for s in SCENARIOS:

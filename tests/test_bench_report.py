@@ -36,6 +36,7 @@ def spec(drafts, accepted_per_pos, k=8):
 SPEC_B1 = spec(10, [8, 4])
 SPEC_B8 = spec(30, [12, 6])
 DRAFTER = {"steps": 50, "propose_seconds": 0.05}
+DRAFT_TIME = {"seconds": 0.1, "calls": 50}
 FAILED_NGRAM = {"label": "ngram", "repeat": 0, "status": "failed",
                 "error": "worker exited with code 1: RuntimeError: boom"}
 
@@ -44,13 +45,14 @@ def runs_fixture():
     """none / ngram (repeat 0 failed) / suffix_tree (mismatch in batch 8) / fancy (lossy, mismatches)."""
     return [
         run("none", 0, [meas(B1, 100, 10.0), meas(B8, 100, 2.0)]),
-        run("suffix_tree", 0, [meas(B1, 100, 5.0, spec=SPEC_B1, drafter=DRAFTER),
-                               meas(B8, 100, 2.0, spec=SPEC_B8, drafter=DRAFTER)]),
+        run("suffix_tree", 0, [meas(B1, 100, 5.0, spec=SPEC_B1, drafter=DRAFTER, draft_time=DRAFT_TIME),
+                               meas(B8, 100, 2.0, spec=SPEC_B8, drafter=DRAFTER, draft_time=DRAFT_TIME)]),
         run("fancy", 0, [meas(B1, 100, 2.0, ids=DIFF, spec=SPEC_B1), meas(B8, 100, 1.0, spec=SPEC_B8)]),
         FAILED_NGRAM,
         run("none", 1, [meas(B1, 100, 8.0), meas(B8, 100, 2.5)]),
-        run("suffix_tree", 1, [meas(B1, 100, 2.5, spec=SPEC_B1, drafter=DRAFTER),
-                               meas(B8, 100, 4.0, ids=DIFF, spec=SPEC_B8, drafter=DRAFTER)]),
+        run("suffix_tree", 1, [meas(B1, 100, 2.5, spec=SPEC_B1, drafter=DRAFTER, draft_time=DRAFT_TIME),
+                               meas(B8, 100, 4.0, ids=DIFF, spec=SPEC_B8, drafter=DRAFTER,
+                                    draft_time=DRAFT_TIME)]),
         run("fancy", 1, [meas(B1, 100, 2.0, ids=DIFF, spec=SPEC_B1), meas(B8, 100, 1.0, spec=SPEC_B8)]),
         run("ngram", 1, [meas(B1, 100, 4.0, spec=SPEC_B1), meas(B8, 100, 2.0, spec=SPEC_B1)]),
     ]
@@ -118,7 +120,9 @@ def test_main_table_cells():
     assert st1["min–max"] == "20.0–40.0"
     assert st1["mean acc. len"] == f"{1 + 12 / 10:.2f}"   # pooled over the 2 repeats: 24/20
     assert st1["draft acc. rate"] == f"{100 * 24 / 160:.1f}%"
-    assert st1["proposer ms/step"] == "1.000"
+    assert st1["draft ms/step"] == "2.000"           # 2 × 0.1 s over 2 × 50 calls
+    assert st1["draft % wall"] == f"{100 * 0.2 / 7.5:.1f}%"  # of 5.0 + 2.5 s wall
+    assert t[(B1, "none")]["draft ms/step"] == "–"
     assert st1["identical to none"] == "4/4"
     assert st8["identical to none"] == "3/4 !"
 

@@ -83,10 +83,19 @@ def test_drafter_delta():
     b = dict(a, steps=30, rows=70, drafted_tokens=150, propose_seconds=1.0)
     assert S.drafter_delta(a, b) == {"steps": 20, "rows": 50, "drafted_tokens": 100,
                                      "propose_seconds": pytest.approx(0.75), "errors": 0}
+    # the top-k capture time (Token Recycling) travels too when the drafter reports it
+    cap = S.drafter_delta(dict(a, capture_seconds=0.5), dict(b, capture_seconds=0.75))
+    assert cap["capture_seconds"] == pytest.approx(0.25)
     assert S.drafter_delta(None, b) is None and S.drafter_delta(a, None) is None
     curve = {"observations": 12, "curve": {"0.90": 0.4}}
     with_stats = S.drafter_delta(dict(a, proposer_stats=None), dict(b, proposer_stats=curve))
     assert with_stats["proposer_stats"] == curve and with_stats["steps"] == 20
+
+
+def test_draft_time_delta():
+    a, b = {"seconds": 0.5, "calls": 10}, {"seconds": 2.0, "calls": 40}
+    assert S.draft_time_delta(a, b) == {"seconds": pytest.approx(1.5), "calls": 30}
+    assert S.draft_time_delta(None, b) is None and S.draft_time_delta(a, None) is None
 
 
 def test_median_spread_and_first_difference():
@@ -261,6 +270,26 @@ def test_summarize_spec_counters_acceptance_and_proposer_time():
     none = by[(B1, "none")]
     assert none["spec"] == S.empty_counters() and none["mean_acceptance_length"] is None
     assert none["proposer_ms_per_step"] is None and none["proposer_share"] is None
+    # no runner draft timer in these runs: no drafting overhead claimed
+    assert st["draft_ms_per_step"] is None and st["draft_share"] is None
+
+
+def test_summarize_draft_time_for_builtin_and_plugin_methods():
+    """Drafting overhead comes from the runner's timer for every method (vLLM's
+    ngram too); a plugin's top-k capture time is added to it."""
+    runs = [run("none", 0, [meas(B1, 100, 10.0)]),
+            run("ngram", 0, [meas(B1, 100, 4.0, spec=SPEC, draft_time={"seconds": 0.2, "calls": 100})]),
+            run("token_recycling", 0, [meas(B1, 100, 5.0, spec=SPEC,
+                                            drafter=dict(DRAFTER, capture_seconds=0.1),
+                                            draft_time={"seconds": 0.4, "calls": 50})])]
+    rows = rows_by(S.summarize(runs, ["none", "ngram", "token_recycling"], [("code", B1)]))
+    assert rows[(B1, "ngram")]["draft_ms_per_step"] == pytest.approx(2.0)       # 0.2 s / 100
+    assert rows[(B1, "ngram")]["draft_share"] == pytest.approx(0.2 / 4.0)
+    assert rows[(B1, "ngram")]["proposer_ms_per_step"] is None                  # no plugin drafter
+    tr = rows[(B1, "token_recycling")]
+    assert tr["draft_ms_per_step"] == pytest.approx(1000 * 0.5 / 50)            # (0.4 + 0.1) / 50
+    assert tr["draft_share"] == pytest.approx(0.5 / 5.0)
+    assert rows[(B1, "none")]["draft_ms_per_step"] is None
 
 
 def test_summarize_task_score_median():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib.util
 import json
 import re
@@ -175,6 +176,7 @@ def test_repetitive_shape():
         assert roles == ["user", "assistant"] * (len(conv) // 2) + ["user"]
         assert len(conv) == 1 + 2 * meta["rounds"]
         assert 150 <= meta["approx_tokens"] <= 600
+        assert set(meta) == {"kind", "rounds", "approx_tokens", "followups"}
         total_chars = sum(len(m["content"]) for m in conv)
         assert 400 <= total_chars <= 4000
 
@@ -202,11 +204,131 @@ def test_repetitive_artifacts_are_valid_and_asked_back():
 
 def test_repetitive_deterministic_and_seed_dependent():
     a = make_repetitive(25, seed=7)
-    assert a.prompts == make_repetitive(25, seed=7).prompts
-    assert make_repetitive(10, seed=7).prompts == a.prompts[:10]
+    assert a == make_repetitive(25, seed=7)  # prompts, followups, meta
+    small = make_repetitive(10, seed=7)
+    assert small.prompts == a.prompts[:10]
+    assert small.followups == a.followups[:10]
+    assert small.meta == a.meta[:10]
     b = make_repetitive(25, seed=8)
     assert all(x != y for x, y in zip(a.prompts, b.prompts))
+    assert a.followups != b.followups
     assert len({json.dumps(p) for p in a.prompts}) == 25  # prompts vary
+    assert len({json.dumps(f) for f in a.followups}) == 25  # followups vary
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("n, seed, prompts_sha, meta_sha", [
+    (20, 3, "309de344b912ca9e01bbf4e2ed7bcd5d4a818116938941d2bcb0804d2534e7e8",
+     "d3777a3864cc057aba929dcaf4bdb69f11506d4786eca199ad52627c2ed9a6cb"),
+    (60, 0, "55860e1bc538534b2e3f3b58271c70326efbe35ce6bbc5d92974f72051269dfb",
+     "9179f986004841e4f2d736fc17c0acf5012fd893392e6b3a4adeb42cdcadb6fe"),
+], ids=["n20-seed3", "n60-seed0"])
+def test_repetitive_prompts_unchanged_by_followups(n, seed, prompts_sha, meta_sha):
+    # Hashes of the prompts (and meta) as generated before followups were added:
+    # followups come from their own random stream, so the prompts other tests
+    # and engine tests use (``make_repetitive(4, seed=3)``) stay as they were.
+    w = make_repetitive(n, seed=seed)
+    assert _sha(w.prompts) == prompts_sha
+    assert _sha([{k: v for k, v in m.items() if k != "followups"} for m in w.meta]) == meta_sha
+
+
+def _reemit_endings(kind: str) -> tuple[str, ...]:
+    scripted = {"python": wl._REEMIT_CODE, "json": wl._REEMIT_JSON, "markdown": wl._REEMIT_TEXT}[kind]
+    return tuple(scripted) + tuple(c.format(art=wl._ARTIFACT[kind]) for c in wl._REVISE_CLOSE)
+
+
+def _is_review(turn: str) -> bool:
+    sources = [src for srcs in wl._REVIEW_SOURCE.values() for src in srcs]
+    return turn.startswith(tuple(src + " " for src in sources)) or turn.startswith("My copy of your last answer")
+
+
+def test_repetitive_followups_revise_own_answer():
+    n = 200
+    w = make_repetitive(n, seed=5)
+    assert len(w.followups) == n
+    counts = [len(f) for f in w.followups]
+    assert set(counts) == {1, 2}
+    assert 0.35 * n <= counts.count(2) <= 0.65 * n  # about half get two
+    review_kinds, edit_kinds = set(), set()
+    for conv, turns, meta in zip(w.prompts, w.followups, w.meta):
+        assert meta["followups"] == len(turns)
+        kind = meta["kind"]
+        for t in turns:
+            assert isinstance(t, str) and t.strip()
+            # A request for the whole artifact again, in the kind's own words.
+            assert t.endswith(_reemit_endings(kind)), t
+            last = re.split(r"(?<=[.!?])\s+", t.strip())[-1]
+            assert re.search(r"\b(whole|full|entire|complete|all of the)\b", last), t
+            (review_kinds if _is_review(t) else edit_kinds).add(kind)
+        # No request is repeated within a conversation, not even reworded.
+        edits = [m["content"] for m in conv[2::2]]  # the scripted edit requests
+        assert len(set(edits + turns)) == len(edits) + len(turns)
+        keys = [wl._edit_key(t) for t in turns]
+        assert len(set(keys)) == len(keys)
+        assert not set(keys) & {wl._edit_key(e) for e in edits}, (edits, turns)
+    # Both further edits and reviewer/tool-style revision requests, for every kind.
+    assert review_kinds == edit_kinds == {"python", "json", "markdown"}
+
+
+def test_repetitive_followups_generic_review_requests_for_every_kind():
+    w = make_repetitive(300, seed=2)
+    generic = {kind: [text.format(art=wl._ARTIFACT[kind]) for _, text in wl._REVIEW_ANY] for kind in wl._ARTIFACT}
+    seen = {kind: set() for kind in wl._ARTIFACT}
+    for turns, meta in zip(w.followups, w.meta):
+        for t in turns:
+            for body in generic[meta["kind"]]:
+                if body[1:] in t:  # (capitalised when the user says it directly)
+                    seen[meta["kind"]].add(body)
+    assert all(len(bodies) >= 3 for bodies in seen.values()), seen
+
+
+def _mentions(turn: str) -> tuple[list[str], list[str], list[str]]:
+    """What an edit request names as existing, what it removes or renames away,
+    and what new name it introduces (JSON names as paths)."""
+    refs, gone, new = [], [], []
+    for pat in (r"Rename the (?:variable|function|class) `(\w+)` to `(\w+)`",
+                r'Replace every occurrence of "(\w+)" with "(\w+)"', r"^(\w+) left the team; put (\w+) in place"):
+        if m := re.search(pat, turn):
+            refs.append(m[1]), gone.append(m[1]), new.append(m[2])
+    if m := re.search(r"Remove `([^`]+)`", turn):
+        refs.append(m[1]), gone.append(m[1])
+    if m := re.search(r"`([^`]+)` set to", turn):
+        refs.append(m[1])
+    if m := re.search(r"Add a field `(\w+)` with value \S+ at the end of the `(\w+)` section", turn):
+        refs.append(m[2]), new.append(f"{m[2]}.{m[1]}")
+    for pat in (r"for `(\w+)`\.", r"that `(\w+)` is missing", r": `(\w+)` should raise", r"rejects the `(\w+)` section",
+                r"wants `(\w+)` right after", r'the "([^"]+)" section should be'):
+        if m := re.search(pat, turn):
+            refs.append(m[1])
+    return refs, gone, new
+
+
+def test_repetitive_followups_name_only_things_that_exist():
+    # Followups name only identifiers/keys/people/words the model was shown or
+    # told about, and the state is simulated: nothing renamed away or removed
+    # earlier in the conversation (scripted or followup) is referred to again.
+    w = make_repetitive(300, seed=4)
+    checked = 0
+    for conv, turns in zip(w.prompts, w.followups):
+        context = "\n".join(m["content"] for m in conv)
+        gone: set[str] = set()
+        for i, turn in enumerate([m["content"] for m in conv[2::2]] + turns):
+            refs, removed, added = _mentions(turn)
+            is_followup = i >= len(conv) // 2
+            for ref in refs:
+                word = [p for p in re.split(r"[.\[\]]", ref) if p and not p.isdigit()][-1]
+                if is_followup:
+                    assert re.search(rf"\b{re.escape(word)}\b", context), (ref, turn)
+                    checked += 1
+                assert ref not in gone, (ref, turn, gone)
+            gone -= set(added)
+            gone |= set(removed)
+            if is_followup:
+                context += "\n" + turn
+    assert checked > 100
 
 
 def test_repetitive_n_handling():

@@ -10,8 +10,9 @@ model's own answer, turn by turn, and every turn is timed.
 
 It records per cell: wall time, output tokens, the output token ids (all turns,
 for the greedy-equality check) and texts (for task scoring), the spec-decode
-counter deltas (``llm.get_metrics()``) and, for this package's proposers, the
-drafter's own time (``integration.drafter_snapshot``).
+counter deltas (``llm.get_metrics()``), the time every method spends drafting
+(``integration.install_draft_timer``) and, for this package's proposers, the
+drafter's own counters (``integration.drafter_snapshot``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from vllm_spec_plugins.bench.methods import MethodSpec, engine_kwargs
-from vllm_spec_plugins.bench.stats import counters_delta, drafter_delta, spec_counters
+from vllm_spec_plugins.bench.stats import counters_delta, draft_time_delta, drafter_delta, spec_counters
 
 WARMUP_MESSAGES = [{"role": "user", "content": "Say hello in one short sentence."}]
 WARMUP_MAX_TOKENS = 8
@@ -45,13 +46,20 @@ def chunks(items: list, size: Optional[int]) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def _first(results: list) -> Optional[dict]:
+    return next((r for r in results if r is not None), None)
+
+
 def _drafter_stats(llm: Any) -> Optional[dict]:
     from vllm_spec_plugins.integration import drafter_snapshot
 
-    for snap in llm.collective_rpc(drafter_snapshot):
-        if snap is not None:
-            return snap
-    return None
+    return _first(llm.collective_rpc(drafter_snapshot))
+
+
+def _draft_time(llm: Any) -> Optional[dict]:
+    from vllm_spec_plugins.integration import draft_timer_snapshot
+
+    return _first(llm.collective_rpc(draft_timer_snapshot))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -106,6 +114,11 @@ def worker_main(spec_path: str) -> int:
     startup = time.perf_counter() - t0
     tok = llm.get_tokenizer()
     is_plugin = method.kind == "plugin"
+    if method.kind != "none":
+        # drafting time of every method, vLLM's built-ins included
+        from vllm_spec_plugins.integration import install_draft_timer
+
+        llm.collective_rpc(install_draft_timer)
 
     llm.generate([render_prompt(tok, WARMUP_MESSAGES)],
                  SamplingParams(temperature=0, max_tokens=WARMUP_MAX_TOKENS), use_tqdm=False)
@@ -114,9 +127,11 @@ def worker_main(spec_path: str) -> int:
     for cell in spec["cells"]:
         m0 = spec_counters(llm.get_metrics())
         d0 = _drafter_stats(llm) if is_plugin else None
+        t0 = _draft_time(llm) if method.kind != "none" else None
         wall, token_ids, texts = _run_cell(llm, tok, params, cell)
         m1 = spec_counters(llm.get_metrics())
         d1 = _drafter_stats(llm) if is_plugin else None
+        t1 = _draft_time(llm) if method.kind != "none" else None
         out_tokens = sum(sum(1 for t in ids if t != TURN_SEPARATOR) for ids in token_ids)
         measurements.append({
             "workload": cell["workload"], "scenario": cell["scenario"],
@@ -124,6 +139,7 @@ def worker_main(spec_path: str) -> int:
             "token_ids": token_ids, "texts": texts,
             "spec": counters_delta(m0, m1) if method.kind != "none" else None,
             "drafter": drafter_delta(d0, d1),
+            "draft_time": draft_time_delta(t0, t1),
         })
         # "cell done" is what the parent counts for its progress bar
         print(f"[bench worker] cell done: {cell['workload']} / {cell['scenario']}: {out_tokens} "

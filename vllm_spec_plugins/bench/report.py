@@ -98,7 +98,7 @@ def main_table(rows: Sequence[dict], baseline: str = BASELINE) -> str:
     online = any(r.get("ttft_ms_p50") is not None for r in rows)
     scored = any(r.get("task_score") is not None for r in rows)
     headers = ["workload", "scenario", "method", "tok/s (median)", "min–max", "speedup",
-               "mean acc. len", "draft acc. rate", "proposer ms/step", "proposer % wall"]
+               "mean acc. len", "draft acc. rate", "draft ms/step", "draft % wall"]
     align = ["l", "l", "l"] + ["r"] * 7
     if online:
         headers += ["TTFT p50 ms", "TPOT p50 ms", "ITL p50 ms"]
@@ -116,8 +116,8 @@ def main_table(rows: Sequence[dict], baseline: str = BASELINE) -> str:
                  _speedup_cell(r, baseline),
                  fmt(r["mean_acceptance_length"]) if ok else DASH,
                  fmt_pct(r["draft_acceptance_rate"]) if ok else DASH,
-                 fmt(r["proposer_ms_per_step"], 3) if ok else DASH,
-                 fmt_pct(r["proposer_share"]) if ok else DASH]
+                 fmt(r.get("draft_ms_per_step"), 3) if ok else DASH,
+                 fmt_pct(r.get("draft_share")) if ok else DASH]
         if online:
             cells += [fmt(r.get(k), 1) if ok else DASH
                       for k in ("ttft_ms_p50", "tpot_ms_p50", "itl_ms_p50")]
@@ -221,7 +221,9 @@ def render_report(settings: dict[str, Any], rows: Sequence[dict], runs: Sequence
               "the whole load at that concurrency), median over repeats; speedup = tok/s ÷ tok/s of "
               f"`{baseline}` in the same repeat and scenario (median); mean acc. len = 1 + accepted / "
               "drafts (tokens per verification step); draft acc. rate = accepted / drafted tokens; "
-              "proposer = this package's drafter time (vLLM's built-ins do not report it); TTFT = "
+              "draft ms/step = time in the runner's drafting call per step that drafts (the draft "
+              "model's forward included; for this package's methods also reading the target's top-k), "
+              "% wall = its share of the wall time (offline only); TTFT = "
               "time to first token, TPOT = (latency − TTFT) / (tokens − 1), ITL = gap between "
               "streamed chunks (one chunk may carry several accepted tokens); task score: HumanEval "
               "pass@1 (tests executed) or math exact match.",

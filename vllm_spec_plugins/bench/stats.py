@@ -4,7 +4,8 @@ Pure Python (unit-tested without vLLM). A *run* is one (repeat, method) worker
 result: ``{"label", "repeat", "status": "ok"|"failed", "measurements": [...]}``;
 a *measurement* is one (workload, scenario) cell of a run: ``{"workload",
 "scenario", "wall_s", "output_tokens", "token_ids" or "texts", "spec",
-"drafter", optional "latency" (online) and "task" (scored outputs)}``.
+"drafter" (this package's proposers), "draft_time" (drafting seconds and calls,
+any method, offline), optional "latency" (online) and "task" (scored outputs)}``.
 """
 
 from __future__ import annotations
@@ -94,11 +95,18 @@ def drafter_delta(before: Optional[dict], after: Optional[dict]) -> Optional[dic
     the recycling matrix's calibration curve), kept as they are."""
     if before is None or after is None:
         return None
-    keys = ("steps", "rows", "drafted_tokens", "propose_seconds", "errors")
+    keys = ("steps", "rows", "drafted_tokens", "propose_seconds", "capture_seconds", "errors")
     out: dict[str, Any] = {k: after.get(k, 0) - before.get(k, 0) for k in keys if k in after}
     if after.get("proposer_stats") is not None:
         out["proposer_stats"] = after["proposer_stats"]
     return out
+
+
+def draft_time_delta(before: Optional[dict], after: Optional[dict]) -> Optional[dict[str, Any]]:
+    """Difference of two ``draft_timer_snapshot`` dicts: drafting seconds and calls."""
+    if before is None or after is None:
+        return None
+    return {"seconds": after["seconds"] - before["seconds"], "calls": after["calls"] - before["calls"]}
 
 
 def proposer_ms_per_step(propose_seconds: float, steps: int) -> Optional[float]:
@@ -178,7 +186,8 @@ def summarize(runs: Sequence[dict], methods: Sequence[str], cells: Sequence[tupl
             tps, speedups, scores = [], [], []
             latency: dict[str, list] = {k: [] for k in LATENCY_KEYS}
             spec_items, prop_s, prop_steps, wall_total = [], 0.0, 0, 0.0
-            has_drafter = False
+            draft_s, draft_calls = 0.0, 0
+            has_drafter = has_timer = False
             identical = compared = 0
             mismatches: list[dict[str, Any]] = []
             task_metric = None
@@ -192,6 +201,12 @@ def summarize(runs: Sequence[dict], methods: Sequence[str], cells: Sequence[tupl
                     has_drafter = True
                     prop_s += float(m["drafter"].get("propose_seconds", 0.0))
                     prop_steps += int(m["drafter"].get("steps", 0))
+                    # reading the target's top-k at verification is drafting work too
+                    draft_s += float(m["drafter"].get("capture_seconds", 0.0))
+                if m.get("draft_time"):
+                    has_timer = True
+                    draft_s += float(m["draft_time"]["seconds"])
+                    draft_calls += int(m["draft_time"]["calls"])
                 for k in LATENCY_KEYS:
                     latency[k].append((m.get("latency") or {}).get(k))
                 if m.get("task"):
@@ -227,6 +242,8 @@ def summarize(runs: Sequence[dict], methods: Sequence[str], cells: Sequence[tupl
             row["acceptance_per_position"] = acceptance_per_position(spec["accepted_per_pos"], spec["drafts"])
             row["proposer_ms_per_step"] = proposer_ms_per_step(prop_s, prop_steps) if has_drafter else None
             row["proposer_share"] = (prop_s / wall_total) if has_drafter and wall_total > 0 else None
+            row["draft_ms_per_step"] = proposer_ms_per_step(draft_s, draft_calls) if has_timer else None
+            row["draft_share"] = (draft_s / wall_total) if has_timer and wall_total > 0 else None
             for k in LATENCY_KEYS:
                 row[k] = median_spread(latency[k])[0]
             row["task_metric"] = task_metric

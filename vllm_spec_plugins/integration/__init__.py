@@ -484,6 +484,48 @@ def drafter_snapshot(worker: Any) -> dict[str, Any] | None:
     return drafter.snapshot() if isinstance(drafter, PluginDrafter) else None
 
 
+class _DraftTimer:
+    """Wraps one runner's ``propose_draft_token_ids`` and adds up its wall time:
+    the drafting overhead of any method (vLLM's ngram/suffix/draft_model too),
+    measured at the one call every drafter goes through. On a GPU, model-based
+    drafters launch kernels asynchronously, so the time there is the host side."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.seconds = 0.0
+        self.calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t0
+            self.calls += 1
+
+
+def install_draft_timer(worker: Any) -> bool:
+    """For ``llm.collective_rpc(install_draft_timer)``: time this worker's drafting
+    from now on (benchmarks). False when the engine has no drafter (no speculation)."""
+    runner = getattr(worker, "model_runner", None)
+    if runner is None or getattr(runner, "drafter", None) is None:
+        return False
+    if not isinstance(runner.__dict__.get("propose_draft_token_ids"), _DraftTimer):
+        # an instance attribute shadows the (possibly patched) class method
+        runner.propose_draft_token_ids = _DraftTimer(runner.propose_draft_token_ids)
+    return True
+
+
+def draft_timer_snapshot(worker: Any) -> dict[str, Any] | None:
+    """For ``llm.collective_rpc(draft_timer_snapshot)``: seconds spent drafting and
+    the number of drafting calls (one per step that drafts); None if not installed."""
+    runner = getattr(worker, "model_runner", None)
+    timer = getattr(runner, "__dict__", {}).get("propose_draft_token_ids")
+    if not isinstance(timer, _DraftTimer):
+        return None
+    return {"seconds": timer.seconds, "calls": timer.calls}
+
+
 def flush_shared_state(worker: Any, timeout_s: float = 10.0) -> dict[str, Any] | None:
     """For ``llm.collective_rpc(flush_shared_state)``: push this replica's new
     state to the hub and merge what the others pushed, waiting up to
