@@ -624,3 +624,12 @@ def test_cli_bad_plugin_setting_is_reported_without_traceback(tmp_path, capsys):
     assert rc == 2 and "Traceback" not in err
     assert lines[0].startswith("vllm-spec-plugins: error: ")
     assert "spec_plugins.max_tree_depth" in err
+
+
+def test_cli_more_prompts_than_the_dataset_has(tmp_path, capsys):
+    # MT-Bench has 80 questions; 50 per scenario × 2 scenarios cannot be met without repeats
+    res = run_cli(["bench", "--methods", "none", "--workloads", "chat", "--num-prompts", "50",
+                   "--batch-sizes", "1,4", "--out", str(tmp_path / "o")], capsys)
+    assert_one_error_line(*res, "workload 'chat'", "has only 80 prompts, 100 requested",
+                          "lower --num-prompts (50 × 2 scenario(s)")
+    assert "n=None" not in res[2]

@@ -319,7 +319,7 @@ def load_workloads(cfg: BenchConfig, n_scenarios: int) -> list[Any]:
         try:
             w = load_workload(spec, need, cfg.seed)
         except ValueError as e:
-            raise ValueError(f"workload {spec!r}: {e} (--num-prompts {cfg.num_prompts} × "
+            raise ValueError(f"workload {spec!r}: {e}; lower --num-prompts ({cfg.num_prompts} × "
                              f"{n_scenarios} scenario(s), each with its own prompts)") from None
         if len(w) < need:
             raise ValueError(f"workload {spec!r} has {len(w)} prompts, {need} needed "

@@ -151,7 +151,7 @@ def _sample_indices(total: int, n: Optional[int], seed: int, what: str) -> list[
     if n > total:
         raise ValueError(
             f"{what} has only {total} prompts, {n} requested "
-            "(prompts are not repeated; use n=None for all of them)"
+            "(prompts are not repeated, so a cache cannot predict a whole answer)"
         )
     order = list(range(total))
     random.Random(seed).shuffle(order)
