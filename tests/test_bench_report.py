@@ -311,3 +311,26 @@ def test_speedup_pivot_one_line_per_cell_one_column_per_method():
     assert by[("code", B1)]["suffix_tree"].startswith("2.60x (τ ")
     assert by[("code", B1)]["ngram"].startswith("2.00x")  # only repeat 1 ran: 25 / 12.5
     assert R.speedup_pivot([r for r in rows if r["method"] == "none"]) == "_(no speculative method)_"
+
+
+def test_latency_plot_only_for_online_runs(tmp_path):
+    pytest.importorskip("matplotlib")
+
+    def online(scenario, ttft, tpot):
+        lat = {"ttft_ms_p50": ttft, "ttft_ms_p90": ttft, "tpot_ms_p50": tpot, "itl_ms_p50": tpot,
+               "itl_ms_p90": tpot}
+        return {"workload": "chat", "scenario": scenario, "wall_s": 1.0, "output_tokens": 10,
+                "texts": [["a"]], "spec": None, "drafter": None, "latency": lat}
+
+    cells = [("chat", "online c=1"), ("chat", "online c=4")]
+    runs = [run("none", 0, [online("online c=1", 50.0, 20.0), online("online c=4", 80.0, 30.0)]),
+            run("ngram", 0, [online("online c=1", 55.0, 12.0), online("online c=4", 90.0, 25.0)])]
+    rows = S.summarize(runs, ["none", "ngram"], cells)
+    assert R.plot_latency(rows, ["none", "ngram"], ["chat"], ["online c=1", "online c=4"], tmp_path / "l.png")
+    w2, h2 = png_size(tmp_path / "l.png")
+    assert R.plot_latency(rows, ["none", "ngram"], ["chat"], ["online c=1"], tmp_path / "l1.png")
+    w1, h1 = png_size(tmp_path / "l1.png")
+    assert w2 > 1.5 * w1 and h2 == h1  # one column per concurrency level
+    # offline-only rows: nothing to draw, no file
+    assert not R.plot_latency(summary(), METHODS, ["code"], [B1, B8], tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()

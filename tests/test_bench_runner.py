@@ -418,6 +418,7 @@ def test_run_from_args_clean_run_writes_everything(fake_env, tmp_path, capsys):
         assert (out / name).is_file()
     for name in ("speedup.png", "acceptance.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert not (out / "latency.png").exists()  # offline only: no latencies to draw
     captured = capsys.readouterr()
     assert captured.out.strip() == (out / "results.md").read_text().strip()
     assert "All compared outputs of lossless methods are identical to `none`." in captured.out
@@ -516,6 +517,7 @@ def test_run_from_args_mode_both_merges_offline_and_online(fake_env, tmp_path, c
     assert online_rows and all(r["ttft_ms_p50"] == 20.0 for r in online_rows)
     assert all(r["identical"] == r["compared"] == 4 for r in online_rows if r["method"] != "none")
     assert "TTFT p50 ms" in capsys.readouterr().out
+    assert (out / "latency.png").read_bytes()[:8] == PNG_MAGIC  # online latencies drawn
 
 
 def test_run_from_args_server_url_measures_one_method(fake_env, tmp_path, capsys):

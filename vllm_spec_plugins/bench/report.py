@@ -339,6 +339,54 @@ def plot_acceptance(rows: Sequence[dict], methods: Sequence[str], workloads: Seq
     plt.close(fig)
 
 
+LATENCY_PANELS = (("tpot_ms_p50", "TPOT p50 (ms per output token)"), ("ttft_ms_p50", "TTFT p50 (ms)"))
+
+
+def plot_latency(rows: Sequence[dict], methods: Sequence[str], workloads: Sequence[str],
+                 scenarios: Sequence[str], path: Path) -> bool:
+    """Bars (lower is better): online TPOT and TTFT per workload and method, one
+    column per concurrency level; the baseline is drawn too. Returns False (no
+    file) when no scenario has latencies, i.e. an offline-only run."""
+    by = {(r["workload"], r["scenario"], r["method"]): r for r in rows}
+    scen = [s for s in scenarios if any(by.get((w, s, m), {}).get("ttft_ms_p50") is not None
+                                        for w in workloads for m in methods)]
+    if not scen:
+        return False
+    plt = _pyplot()
+    n = max(1, len(methods))
+    width = 0.8 / n
+    panel_w = max(5.0, 0.5 * len(workloads) * n + 2)
+    fig, axes = plt.subplots(len(LATENCY_PANELS), len(scen), figsize=(panel_w * len(scen), 7.5),
+                             squeeze=False)
+    xs = list(range(len(workloads)))
+    for col, sc in enumerate(scen):
+        for row_i, (key, label) in enumerate(LATENCY_PANELS):
+            ax = axes[row_i][col]
+            for j, m in enumerate(methods):
+                vals = []
+                for w in workloads:
+                    r = by.get((w, sc, m))
+                    v = r.get(key) if r and r["status"] == "ok" else None
+                    vals.append(float("nan") if v is None else v)
+                pos = [x - 0.4 + width * (j + 0.5) for x in xs]
+                bars = ax.bar(pos, vals, width, label=m)
+                for b, v in zip(bars, vals):
+                    if math.isfinite(v):
+                        ax.annotate(f"{v:.0f}", (b.get_x() + b.get_width() / 2, v), ha="center",
+                                    va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+            ax.set_xticks(xs)
+            ax.set_xticklabels(workloads)
+            ax.set_title(f"{sc}: {label}", fontsize=10)
+            ax.set_ylim(bottom=0)
+            ax.grid(axis="y", alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle("Online latency per method (median over repeats; lower is better)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def settings_lines(cfg: Any, model_path: str) -> dict[str, str]:
     """The report header of a :class:`runner.BenchConfig`."""
     out = {"model": f"`{cfg.model}`" + (f" ({model_path})" if model_path and model_path != cfg.model else ""),

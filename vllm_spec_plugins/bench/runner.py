@@ -627,6 +627,7 @@ def finish(cfg: BenchConfig, runs: list[dict], labels: list[str], lossless: dict
     from vllm_spec_plugins.bench.report import (
         mismatch_lines,
         plot_acceptance,
+        plot_latency,
         plot_speedup,
         render_report,
         settings_lines,
@@ -652,9 +653,13 @@ def finish(cfg: BenchConfig, runs: list[dict], labels: list[str], lossless: dict
             "workloads": [{"name": w.name, "meta": w.meta, "scorer": getattr(w, "scorer", None)}
                           for w in loaded]}
     (out / "results.json").write_text(json.dumps(data, indent=1, default=_json_default))
+    written = [out / "results.md", out / "results.json"]
     try:
         plot_speedup(rows, labels, names, scen_names, out / "speedup.png")
         plot_acceptance(rows, labels, names, out / "acceptance.png")
+        written += [out / "speedup.png", out / "acceptance.png"]
+        if plot_latency(rows, labels, names, scen_names, out / "latency.png"):
+            written.append(out / "latency.png")
     except Exception as e:  # a plot problem must not lose the measurements
         print(f"warning: could not draw the plots: {type(e).__name__}: {e}", file=sys.stderr)
     status = 0
@@ -667,8 +672,7 @@ def finish(cfg: BenchConfig, runs: list[dict], labels: list[str], lossless: dict
               + ":\n  " + "\n  ".join(mm), file=sys.stderr)
         if strict:
             status = 1
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'speedup.png'}, "
-          f"{out / 'acceptance.png'}", file=sys.stderr)
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     n_fail = len(failures(runs))
     if n_fail:
         print(f"error: {n_fail} of {len(runs)} run(s) failed (marked FAILED above)", file=sys.stderr)
