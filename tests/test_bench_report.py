@@ -334,3 +334,17 @@ def test_latency_plot_only_for_online_runs(tmp_path):
     # offline-only rows: nothing to draw, no file
     assert not R.plot_latency(summary(), METHODS, ["code"], [B1, B8], tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_speedup_pivot_lossy_method_shows_its_task_score_next_to_the_baseline():
+    def task(score):
+        return {"scorer": "humaneval", "metric": "pass@1", "score": score, "passed": 0, "n": 2}
+
+    runs = [run("none", 0, [meas(B1, 10, 1.0, task=task(0.5))]),
+            run("ngram", 0, [meas(B1, 10, 0.5, spec=SPEC_B1, task=task(0.5))]),
+            run("fancy", 0, [meas(B1, 10, 0.25, spec=SPEC_B1, task=task(0.25))])]
+    rows = S.summarize(runs, ["none", "ngram", "fancy"], [("code", B1)], lossless={"fancy": False})
+    header, body = parse_table(R.speedup_pivot(rows))
+    cell = dict(zip(header, body[0]))
+    assert cell["fancy"].startswith("4.00x") and cell["fancy"].endswith("[pass@1 25% vs 50%]")
+    assert "[" not in cell["ngram"]  # lossless: the score is the baseline's, not repeated here

@@ -131,9 +131,12 @@ def main_table(rows: Sequence[dict], baseline: str = BASELINE) -> str:
 
 def speedup_pivot(rows: Sequence[dict], baseline: str = BASELINE) -> str:
     """One line per (workload, scenario), one column per method: the median
-    speedup over the baseline and the mean acceptance length (τ)."""
+    speedup over the baseline and the mean acceptance length (τ); a lossy
+    method also shows its task score next to the baseline's."""
     methods: list[str] = []
     cells: dict[tuple[str, str], dict[str, str]] = {}
+    base_score = {(r["workload"], r["scenario"]): r.get("task_score") for r in rows
+                  if r["method"] == baseline and r["status"] == "ok"}
     for r in rows:
         if r["method"] == baseline:
             continue
@@ -146,7 +149,10 @@ def speedup_pivot(rows: Sequence[dict], baseline: str = BASELINE) -> str:
             if r["mean_acceptance_length"] is not None:
                 text += f" (τ {r['mean_acceptance_length']:.1f})"
             if not r.get("lossless", True) and r.get("task_score") is not None:
-                text += f" [{100 * r['task_score']:.0f}%]"
+                # a lossy method's task score, next to the target's own (the baseline)
+                ref = base_score.get((r["workload"], r["scenario"]))
+                text += f" [{r['task_metric']} {100 * r['task_score']:.0f}%"
+                text += f" vs {100 * ref:.0f}%]" if ref is not None else "]"
         cells.setdefault((r["workload"], r["scenario"]), {})[r["method"]] = text
     if not methods:
         return "_(no speculative method)_"
