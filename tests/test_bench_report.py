@@ -288,7 +288,7 @@ def test_plots_write_png_files_with_two_scenarios(tmp_path):
     w2, h2 = png_size(tmp_path / "speedup.png")
     w1, h1 = png_size(tmp_path / "one.png")
     png_size(tmp_path / "acceptance.png")
-    assert w2 > 1.5 * w1 and h2 == h1  # one panel per scenario, side by side
+    assert h2 > 1.5 * h1 and w2 == w1  # one panel per scenario, stacked
 
 
 def test_plots_survive_failed_methods_and_no_drafts(tmp_path):
@@ -298,6 +298,13 @@ def test_plots_survive_failed_methods_and_no_drafts(tmp_path):
     R.plot_speedup(rows, ["none", "ngram"], ["code", "chat"], [B1], tmp_path / "s.png")
     R.plot_acceptance(rows, ["none", "ngram"], ["code", "chat"], tmp_path / "a.png")
     png_size(tmp_path / "s.png")
+    # five workloads wrap onto two rows of at most three panels
+    R.plot_acceptance(rows, ["none", "ngram"], ["code", "chat", "math", "sharegpt", "repetitive"],
+                      tmp_path / "a5.png")
+    R.plot_acceptance(rows, ["none", "ngram"], ["code", "chat", "math"], tmp_path / "a3.png")
+    w5, h5 = png_size(tmp_path / "a5.png")
+    w3, h3 = png_size(tmp_path / "a3.png")
+    assert w5 == w3 and h5 > 1.5 * h3
     png_size(tmp_path / "a.png")
 
 

@@ -267,17 +267,19 @@ def _pyplot():
 
 def plot_speedup(rows: Sequence[dict], methods: Sequence[str], workloads: Sequence[str],
                  scenarios: Sequence[str], path: Path, baseline: str = BASELINE) -> None:
-    """Bars: speedup per workload and method, one panel per scenario."""
+    """Bars: speedup per workload and method, one row per scenario (stacked, so
+    many workloads stay readable), one legend beside the panels."""
     plt = _pyplot()
     spec_methods = [m for m in methods if m != baseline]
     by = {(r["workload"], r["scenario"], r["method"]): r for r in rows}
     n = max(1, len(spec_methods))
     width = 0.8 / n
-    panel_w = max(5.0, 0.55 * len(workloads) * n + 2)
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(panel_w * len(scenarios), 4.6),
+    panel_w = max(6.0, 0.45 * len(workloads) * n + 2)
+    fig, axes = plt.subplots(len(scenarios), 1, figsize=(panel_w + 2.2, 3.4 * len(scenarios) + 0.8),
                              sharey=True, squeeze=False)
     xs = list(range(len(workloads)))
-    for ax, scen in zip(axes[0], scenarios):
+    top = 1.0
+    for ax, scen in zip(axes[:, 0], scenarios):
         for j, m in enumerate(spec_methods):
             vals, lo_err, hi_err = [], [], []
             for w in workloads:
@@ -296,6 +298,7 @@ def plot_speedup(rows: Sequence[dict], methods: Sequence[str], workloads: Sequen
             for b, v, up in zip(bars, vals, hi_err):
                 x = b.get_x() + b.get_width() / 2
                 if math.isfinite(v):
+                    top = max(top, v + up)
                     ax.annotate(f"{v:.2f}", (x, v + up), ha="center", va="bottom", fontsize=7,
                                 xytext=(0, 2), textcoords="offset points")
                 else:
@@ -304,13 +307,15 @@ def plot_speedup(rows: Sequence[dict], methods: Sequence[str], workloads: Sequen
         ax.set_xticks(xs)
         ax.set_xticklabels(workloads)
         ax.set_title(scen, fontsize=10)
-        ax.set_ylim(bottom=0)
+        ax.set_ylabel("speedup")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel(f"speedup over {baseline} (output tok/s)")
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle("Speedup over no speculation (median over repeats; whiskers: min–max)", fontsize=11)
+    axes[0][0].set_ylim(0, top * 1.12)  # shared y: room for the value labels
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.suptitle(f"Speedup over {baseline} in output tok/s (median over repeats; whiskers: min–max)",
+                 fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -320,8 +325,13 @@ def plot_acceptance(rows: Sequence[dict], methods: Sequence[str], workloads: Seq
     plt = _pyplot()
     acc = acceptance_by_method(rows)
     n = max(1, len(workloads))
-    fig, axes = plt.subplots(1, n, figsize=(max(6.5, 4.2 * n), 4.0), sharey=True, squeeze=False)
-    for ax, w in zip(axes[0], workloads):
+    ncols = min(3, n)  # wrap: five workloads in one row are too small to read
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(6.5, 4.6 * ncols), 3.8 * nrows),
+                             sharey=True, squeeze=False)
+    for ax in axes.flat[len(workloads):]:
+        ax.set_visible(False)
+    for ax, w in zip(axes.flat, workloads):
         drew = False
         for m in methods:
             a = acc.get((w, m))
@@ -338,7 +348,8 @@ def plot_acceptance(rows: Sequence[dict], methods: Sequence[str], workloads: Seq
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "no drafts", ha="center", va="center", transform=ax.transAxes)
-    axes[0][0].set_ylabel("acceptance rate (accepted / drafts)")
+    for row in axes:
+        row[0].set_ylabel("acceptance rate")
     fig.suptitle("Acceptance rate per draft position (τ = mean acceptance length)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -383,12 +394,13 @@ def plot_latency(rows: Sequence[dict], methods: Sequence[str], workloads: Sequen
             ax.set_xticks(xs)
             ax.set_xticklabels(workloads)
             ax.set_title(f"{sc}: {label}", fontsize=10)
-            ax.set_ylim(bottom=0)
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.08)  # room for the value labels
             ax.grid(axis="y", alpha=0.3)
-    axes[0][-1].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.suptitle("Online latency per method (median over repeats; lower is better)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
 
