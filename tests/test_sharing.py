@@ -138,3 +138,63 @@ def test_sharing_config_validation():
         SharingConfig(interval_s=0)
     with pytest.raises(ValueError):
         SharingConfig(hubb="x")
+
+
+class _FakeRemote:
+    def __init__(self, log, name):
+        self.log, self.name = log, name
+
+    def remote(self, *args):
+        self.log.append((self.name, args))
+        return None
+
+
+class _FakeHub:
+    def __init__(self):
+        self.calls = []
+        self.push = _FakeRemote(self.calls, "push")
+        self.pull = _FakeRemote(self.calls, "pull")
+
+
+def test_hub_client_connects_at_start_so_the_first_step_pushes(monkeypatch):
+    # Connecting from the first step instead would leave a replica whose
+    # first requests end before Ray answers holding their state until its
+    # next request: start() must connect before any step runs.
+    from vllm_spec_plugins.sharing import HubClient
+
+    hub = _FakeHub()
+    client = HubClient(SharingConfig(interval_s=60), replica="A")
+    monkeypatch.setattr(client, "_connect", lambda: hub)
+    client.start()
+    client._connecting.join(5)
+    assert client._hub is hub
+    client.tick(lambda: {"learnt": 1})
+    assert ("push", ("A", {"learnt": 1})) in hub.calls
+    assert client.stats["pushed"] == 1
+    # Within interval_s nothing more is pushed unless forced (the idle step).
+    client.tick(lambda: {"learnt": 2})
+    assert client.stats["pushed"] == 1
+    client.tick(lambda: {"learnt": 3}, force=True)
+    assert client.stats["pushed"] == 2
+
+
+def test_hub_client_start_failure_is_logged_and_retried_later(monkeypatch, caplog):
+    from vllm_spec_plugins.sharing import HubClient
+
+    now = [100.0]
+    client = HubClient(SharingConfig(retry_s=30), replica="A", clock=lambda: now[0])
+
+    def refuse():
+        raise ConnectionError("no Ray here")
+
+    monkeypatch.setattr(client, "_connect", refuse)
+    client.start()
+    client._connecting.join(5)
+    assert client._hub is None and client.stats["sync_errors"] == 1
+    assert "unreachable" in caplog.text and "retries every 30 s" in caplog.text
+    client.tick(lambda: None)  # before retry_s: no new attempt
+    assert not client._connecting.is_alive() and client.stats["sync_errors"] == 1
+    now[0] += 31
+    client.tick(lambda: None)  # after retry_s: tries again (and fails again)
+    client._connecting.join(5)
+    assert client.stats["sync_errors"] == 2

@@ -12,8 +12,9 @@ restarts pulls everything the hub still holds.
 * :class:`SharedStateHub`: the actor's logic, plain Python (tested alone).
   A bounded log of payloads (oldest evicted past ``max_bytes``), each with a
   sequence number and the replica that sent it.
-* :class:`HubClient`: the drafter side. Connects lazily (``ray.init(address=
-  "auto")`` when the process is not in Ray already), creates the hub if
+* :class:`HubClient`: the drafter side. Starts connecting when the drafter
+  is built (``ray.init(address="auto")`` when the process is not in Ray
+  already, on a background thread), creates the hub if
   absent (``get_if_exists``), and if the hub is gone or Ray is unreachable
   logs once and retries later: the replica keeps drafting from its local
   cache meanwhile.
@@ -161,6 +162,14 @@ class HubClient:
                            "replica keeps drafting from its local cache and retries every "
                            "%.0f s", self.config.hub, what, err, self.config.retry_s)
             self._warned = True
+
+    def start(self) -> None:
+        """Begin connecting now (in the background) rather than on the first
+        step: joining Ray from an engine process takes seconds, and a replica
+        whose first requests finish before it is connected would hold what
+        they taught until its next request (an idle engine runs no steps)."""
+        if self._hub is None and (self._connecting is None or not self._connecting.is_alive()):
+            self._connect_in_background()
 
     # -- the step hook -----------------------------------------------------
     def tick(self, export, force: bool = False) -> list[Any]:

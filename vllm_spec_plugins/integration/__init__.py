@@ -241,6 +241,7 @@ class PluginDrafter:
             from vllm_spec_plugins.sharing import HubClient
 
             self._sharing = HubClient(share)
+            self._sharing.start()  # connected before the first request arrives
             self.proposer.enable_sharing()
             self.stats["shared_in"] = 0
         # Proposers with a state file in their settings save it every
