@@ -168,8 +168,11 @@ class HubClient:
         step: joining Ray from an engine process takes seconds, and a replica
         whose first requests finish before it is connected would hold what
         they taught until its next request (an idle engine runs no steps)."""
-        if self._hub is None and (self._connecting is None or not self._connecting.is_alive()):
+        if self._hub is None and not self._connect_running():
             self._connect_in_background()
+
+    def _connect_running(self) -> bool:
+        return self._connecting is not None and self._connecting.is_alive()
 
     # -- the step hook -----------------------------------------------------
     def tick(self, export, force: bool = False) -> list[Any]:
@@ -182,8 +185,7 @@ class HubClient:
         if self._pending_pull is not None:
             got = self._collect()
         if self._hub is None:
-            idle = self._connecting is None or not self._connecting.is_alive()
-            if idle and now >= self._retry_at:
+            if not self._connect_running() and now >= self._retry_at:
                 self._connect_in_background()
             return got
         if not force and now - self._last_sync < self.config.interval_s:
@@ -223,7 +225,7 @@ class HubClient:
         deadline = self._clock() + timeout_s
         got = self.tick(export, force=True)
         while self._hub is None and self._clock() < deadline:
-            if self._connecting is None or not self._connecting.is_alive():
+            if not self._connect_running():
                 if self._hub is None and self.stats["sync_errors"]:
                     return got  # the connection attempt failed
             time.sleep(0.05)
