@@ -24,7 +24,7 @@ def make_llm(**kwargs):
 
 
 def plugin_llm(method: str = "suffix_tree", k: int = 8, **settings):
-    from vllm_spec_plugins.integration import speculative_config
+    from vllm_spec_plugins.engine_config import speculative_config
 
     return make_llm(speculative_config=speculative_config(k),
                     additional_config={"spec_plugins": {"method": method, **settings}})
@@ -62,7 +62,7 @@ def settled_drafter_state(llm, timeout_s: float = 15.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
         snap = drafter_state(llm)
-        idle = snap["tracked_requests"] == 0 and snap["proposer_active_requests"] == 0
+        idle = snap["tracked_requests"] == 0
         if idle or time.monotonic() > deadline:
             return snap
         time.sleep(0.2)

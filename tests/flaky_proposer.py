@@ -17,20 +17,20 @@ class FlakyProposer(SuffixTreeProposer):
         super().__init__(config, num_speculative_tokens)
         self.calls = 0
 
-    def on_request_start(self, req_id: str, prompt_token_ids: np.ndarray) -> None:
+    def start_request(self, req_id: str, prompt_token_ids: np.ndarray):
         if "boom" in req_id:
-            raise RuntimeError("injected failure in on_request_start")
-        super().on_request_start(req_id, prompt_token_ids)
+            raise RuntimeError("injected failure in start_request")
+        return super().start_request(req_id, prompt_token_ids)
 
-    def propose(self, req_id, context, max_tokens):
+    def propose(self, state, context, max_tokens):
         self.calls += 1
         if self.calls % 3 == 0:
             raise RuntimeError("injected failure in propose")
-        return super().propose(req_id, context, max_tokens)
+        return super().propose(state, context, max_tokens)
 
     def propose_batch(self, batch):
         # Fail the whole batch every other step, so the per-row retry path runs too.
         if self.calls % 2 == 1:
             self.calls += 1
             raise RuntimeError("injected batch failure")
-        return [self.propose(r, c, k) for r, c, k in batch]
+        return [self.propose(s, c, k) for s, c, k in batch]

@@ -20,7 +20,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     (None, "spec_plugins.method is required"),
 ])
 def test_bad_settings_fail_at_startup_naming_the_field(settings, needle):
-    from vllm_spec_plugins.integration import speculative_config
+    from vllm_spec_plugins.engine_config import speculative_config
 
     extra = {"additional_config": {"spec_plugins": settings}} if settings else {}
     with pytest.raises(ValueError) as err:

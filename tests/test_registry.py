@@ -1,5 +1,6 @@
 """Settings validation and the method registry (no engine)."""
 
+import numpy as np
 import pytest
 
 from vllm_spec_plugins.registry import METHODS, PluginConfigError, resolve
@@ -31,7 +32,12 @@ def test_every_method_builds_with_defaults():
     for name, entry in METHODS.items():
         cls = entry.proposer_cls()
         proposer = cls(entry.config_cls(), 8)
-        assert proposer.num_active_requests() == 0
+        state = proposer.start_request("r", np.array([1, 2, 3, 1, 2], np.int32))
+        proposer.on_tokens(state, np.array([3], np.int32))
+        draft = proposer.propose(state, np.array([1, 2, 3, 1, 2, 3], np.int32), 4)
+        assert isinstance(draft, list) and len(draft) <= 4
+        proposer.finish_request(state)
+        assert proposer.state_files() == {}  # no state file unless a setting names one
 
 
 def test_configs_dir_matches_registry():

@@ -53,9 +53,9 @@ def suffix(**cfg) -> SuffixTreeProposer:
 
 
 def serve(p, req_id, prompt, output):
-    p.on_request_start(req_id, np.array(prompt, np.int32))
-    p.on_tokens(req_id, np.array(output, np.int32))
-    p.on_request_finish(req_id)
+    r = p.start_request(req_id, np.array(prompt, np.int32))
+    p.on_tokens(r, np.array(output, np.int32))
+    p.finish_request(r)
 
 
 def test_suffix_responses_travel_and_draft_on_the_other_replica():
@@ -69,10 +69,10 @@ def test_suffix_responses_travel_and_draft_on_the_other_replica():
     assert [r.tolist() for r in payload["suffix_responses"]] == [out]
     assert a.export_shared() is None  # exported once
     prompt = np.array([7, 8] + out[:10], np.int32)
-    b.on_request_start("r2", prompt)
-    assert b.propose("r2", prompt, 8) == []  # B never saw it
+    r2 = b.start_request("r2", prompt)
+    assert b.propose(r2, prompt, 8) == []  # B never saw it
     b.import_shared(payload)
-    assert b.propose("r2", prompt, 8) == out[10:18]  # from A's response
+    assert b.propose(r2, prompt, 8) == out[10:18]  # from A's response
     assert b.export_shared() is None  # imported responses are not re-exported
     b.import_shared({"recycling_rows": {}})  # another method's payload: ignored
 
@@ -94,8 +94,8 @@ def test_recycling_rows_travel_with_their_record():
     a.enable_sharing()
     ids = np.array([[6, 7, -1, -1], [8, 9, -1, -1]], np.int32)
     probs = np.array([[0.9, 0.05, 0, 0], [0.8, 0.1, 0, 0]], np.float32)
-    a.on_target_topk("r", np.array([5, 6], np.int32), ids, probs)
-    a.on_target_topk("r", np.array([5], np.int32), ids[1:], probs[1:])  # scored overwrite
+    a.on_target_topk(None, np.array([5, 6], np.int32), ids, probs)
+    a.on_target_topk(None, np.array([5], np.int32), ids[1:], probs[1:])  # scored overwrite
     payload = a.export_shared()
     rows = payload["recycling_rows"]
     assert rows["tokens"].tolist() == [5, 6]
@@ -104,7 +104,7 @@ def test_recycling_rows_travel_with_their_record():
     b.import_shared(payload)
     assert b.matrix.row(5) == a.matrix.row(5) and b.matrix.row(6) == a.matrix.row(6)
     assert b.matrix.row_trials[5] == 1.0
-    assert b.propose("s", np.array([5], np.int32), 4) == a.propose("s", np.array([5], np.int32), 4)
+    assert b.propose(None, np.array([5], np.int32), 4) == a.propose(None, np.array([5], np.int32), 4)
     # Another width, or malformed rows: ignored / refused without a change.
     before = b.matrix.ids.copy()
     b.import_shared({"recycling_rows": dict(rows, k=8)})
@@ -119,11 +119,11 @@ def test_recycling_rows_travel_with_their_record():
 def test_hybrid_exports_both_halves():
     h = SuffixRecyclingProposer(SuffixRecyclingConfig(token_recycling={"topk": 4}), 8)
     h.enable_sharing()
-    h.on_request_start("r", np.array([1, 2], np.int32))
-    h.on_target_topk("r", np.array([2], np.int32), np.array([[3, 4, -1, -1]], np.int32),
+    r = h.start_request("r", np.array([1, 2], np.int32))
+    h.on_target_topk(r, np.array([2], np.int32), np.array([[3, 4, -1, -1]], np.int32),
                      np.array([[0.7, 0.2, 0, 0]], np.float32))
-    h.on_tokens("r", np.array([3, 4, 5], np.int32))
-    h.on_request_finish("r")
+    h.on_tokens(r, np.array([3, 4, 5], np.int32))
+    h.finish_request(r)
     payload = h.export_shared()
     assert set(payload) == {"suffix_responses", "recycling_rows"}
     other = SuffixRecyclingProposer(SuffixRecyclingConfig(token_recycling={"topk": 4}), 8)

@@ -111,5 +111,6 @@ def test_a_higher_price_drafts_shorter_chains():
             p.matrix.update(np.array([t], np.int32), np.array([[t + 1, 0]], np.int32),
                             np.array([[0.8, 0.1]], np.float32))
         p.set_step_cost(model)
-        lens[name] = len(p.propose("r", np.array([1], np.int32), 8))
+        lens[name] = len(p.propose(p.start_request("r", np.array([1], np.int32)),
+                                   np.array([1], np.int32), 8))
     assert lens["cheap"] > lens["dear"] >= 1

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import logging
 import math
+import copy
 import os
 import random
+import threading
 from collections import Counter
 
 import numpy as np
@@ -296,14 +298,16 @@ def make(k=8, **kw):
 
 
 def run_request(p, rid, prompt, output, step=3):
-    p.on_request_start(rid, np.asarray(prompt, np.int32))
+    """Start a request and feed it ``output`` (drafting each step); returns
+    its state, still live."""
+    r = p.start_request(rid, np.asarray(prompt, np.int32))
     ctx = list(prompt)
     for i in range(0, len(output), step):
         new = output[i: i + step]
-        p.on_tokens(rid, np.asarray(new, np.int32))
+        p.on_tokens(r, np.asarray(new, np.int32))
         ctx += new
-        p.propose(rid, np.asarray(ctx, np.int32), 8)
-    return ctx
+        p.propose(r, np.asarray(ctx, np.int32), 8)
+    return r
 
 
 def test_repetitive_context_gives_long_correct_draft():
@@ -311,15 +315,17 @@ def test_repetitive_context_gives_long_correct_draft():
     period = rng.integers(0, 50_000, 40).tolist()
     text = period * 5
     p = make(k=16, use_global_cache=False)
-    p.on_request_start("r", np.asarray(text[:100], np.int32))
-    p.on_tokens("r", np.asarray(text[100:130], np.int32))
+    r = p.start_request("r", np.asarray(text[:100], np.int32))
+    p.on_tokens(r, np.asarray(text[100:130], np.int32))
     ctx = np.asarray(text[:130], np.int32)
-    d = p.propose("r", ctx, 16)
+    d = p.propose(r, ctx, 16)
     assert d == text[130:146]
-    assert p.propose("r", ctx, 5) == text[130:135]
-    assert p.propose("r", ctx, 100) == text[130:146]  # capped at k
-    p.on_request_finish("r")
-    assert p.num_active_requests() == 0
+    assert p.propose(r, ctx, 5) == text[130:135]
+    assert p.propose(r, ctx, 100) == text[130:146]  # capped at k
+    assert p.propose_scored(r, ctx, 16)[2] >= 16  # the match behind the draft
+    p.finish_request(r)
+    assert r.tree is None  # the request's trie is released
+    assert p.propose(r, ctx, 16) == []  # and a finished request drafts nothing
 
 
 def test_global_cache_drafts_previous_response():
@@ -327,40 +333,37 @@ def test_global_cache_drafts_previous_response():
     prompt = rng.integers(0, 30_000, 50).tolist()
     response = rng.integers(0, 30_000, 40).tolist()
     p = make(k=8)
-    run_request(p, "a", prompt, response)
-    p.on_request_finish("a")
+    a = run_request(p, "a", prompt, response)
+    p.finish_request(a)
     # A new request with the same prompt regenerates the same response: once
     # it has produced its first token, every step drafts the true next
     # tokens (the draft grows with the match: cap = match_len * factor).
-    p.on_request_start("b", np.asarray(prompt, np.int32))
-    assert p.propose("b", np.asarray(prompt, np.int32), 8) == []
+    b = p.start_request("b", np.asarray(prompt, np.int32))
+    assert p.propose(b, np.asarray(prompt, np.int32), 8) == []
     ctx, pos, accepted = list(prompt), 0, 0
     while pos < len(response):
         new = response[pos: pos + 1 + accepted]
-        p.on_tokens("b", np.asarray(new, np.int32))
+        p.on_tokens(b, np.asarray(new, np.int32))
         ctx += new
         pos += len(new)
-        d = p.propose("b", np.asarray(ctx, np.int32), 8)
+        d = p.propose(b, np.asarray(ctx, np.int32), 8)
         assert d == response[pos: pos + len(d)]
         assert len(d) == min(8, len(response) - pos, pos)
         accepted = len(d)
     ctx = np.asarray(prompt + response[:10], np.int32)
-    assert p.propose("b", ctx, 8) == response[10:18]
+    assert p.propose(b, ctx, 8) == response[10:18]
     assert p.global_tree.num_sequences == 1
     # Without the global cache the request trie alone has nothing.
     q = make(k=8, use_global_cache=False)
-    run_request(q, "a", prompt, response)
-    q.on_request_finish("a")
-    q.on_request_start("b", ctx)
-    assert q.propose("b", ctx, 8) == []
+    q.finish_request(run_request(q, "a", prompt, response))
+    b = q.start_request("b", ctx)
+    assert q.propose(b, ctx, 8) == []
 
 
 def test_aborted_partial_output_is_cached_and_empty_skipped():
     p = make()
-    run_request(p, "a", [1, 2, 3], [4, 5, 6, 7])
-    p.on_request_finish("a", aborted=True)
-    p.on_request_start("b", np.asarray([9, 9], np.int32))
-    p.on_request_finish("b")  # no output: not cached
+    p.finish_request(run_request(p, "a", [1, 2, 3], [4, 5, 6, 7]), aborted=True)
+    p.finish_request(p.start_request("b", np.asarray([9, 9], np.int32)))  # no output: not cached
     assert [r.tolist() for r in p.cached_responses()] == [[4, 5, 6, 7]]
 
 
@@ -371,9 +374,9 @@ def test_eviction_keeps_bounds_and_memory():
     for i in range(300):
         n = int(rng.integers(0, 200))
         out = (rng.integers(0, 40, n) if i % 2 else rng.integers(0, 10**6, n)).tolist()
-        p.on_request_start(f"r{i}", np.asarray(rng.integers(0, 40, 10), np.int32))
-        p.on_tokens(f"r{i}", np.asarray(out, np.int32))
-        p.on_request_finish(f"r{i}")
+        r = p.start_request(f"r{i}", np.asarray(rng.integers(0, 40, 10), np.int32))
+        p.on_tokens(r, np.asarray(out, np.int32))
+        p.finish_request(r)
         g = p.global_tree
         assert g.num_sequences <= 20 and g.num_tokens <= 1500
         sizes.append((g.num_nodes, g.nbytes))
@@ -391,10 +394,8 @@ def test_eviction_keeps_bounds_and_memory():
 
 def test_oversized_response_not_cached():
     p = make(max_cached_tokens=5)
-    run_request(p, "a", [1], [1, 2, 3])
-    p.on_request_finish("a")
-    run_request(p, "b", [1], list(range(10)))
-    p.on_request_finish("b")
+    p.finish_request(run_request(p, "a", [1], [1, 2, 3]))
+    p.finish_request(run_request(p, "b", [1], list(range(10))))
     assert [r.tolist() for r in p.cached_responses()] == [[1, 2, 3]]
 
 
@@ -405,8 +406,7 @@ def test_save_load_roundtrip(tmp_path):
     for i in range(30):
         prompt = rng.integers(0, 20, 15).tolist()
         prompts.append(prompt)
-        run_request(p, f"r{i}", prompt, rng.integers(0, 20, 60).tolist())
-        p.on_request_finish(f"r{i}")
+        p.finish_request(run_request(p, f"r{i}", prompt, rng.integers(0, 20, 60).tolist()))
     path = str(tmp_path / "cache.npz")
     p.save(path)
     assert sorted(os.listdir(tmp_path)) == ["cache.npz"]  # no temp left behind
@@ -414,13 +414,12 @@ def test_save_load_roundtrip(tmp_path):
     assert [a.tolist() for a in q.cached_responses()] == [a.tolist() for a in p.cached_responses()]
     for i in range(20):
         ctx = rng.integers(0, 20, 30).astype(np.int32)
-        for x in (p, q):
-            x.on_request_start("t", ctx)
-        assert p.propose("t", ctx, 8) == q.propose("t", ctx, 8)
+        tp, tq = p.start_request("t", ctx), q.start_request("t", ctx)
+        assert p.propose(tp, ctx, 8) == q.propose(tq, ctx, 8)
         assert (p.global_tree.draft(ctx, 8, 1.0, 0.0, 0.0)
                 == q.global_tree.draft(ctx, 8, 1.0, 0.0, 0.0))
-        for x in (p, q):
-            x.on_request_finish("t")
+        p.finish_request(tp)
+        q.finish_request(tq)
     # Loading under tighter bounds keeps the newest responses that fit.
     r = make(max_tree_depth=12, max_cached_requests=4)
     assert r.load(path)
@@ -431,8 +430,7 @@ def test_save_load_roundtrip(tmp_path):
 def test_corrupt_cache_file_warns_and_starts_empty(tmp_path, caplog, kind):
     path = tmp_path / "cache.npz"
     good = make()
-    run_request(good, "a", [1, 2], [3, 4, 5])
-    good.on_request_finish("a")
+    good.finish_request(run_request(good, "a", [1, 2], [3, 4, 5]))
     good.save(str(path))
     if kind == "garbage":
         path.write_bytes(b"not a zip file at all")
@@ -449,8 +447,7 @@ def test_corrupt_cache_file_warns_and_starts_empty(tmp_path, caplog, kind):
         p = make(cache_path=str(path))
     assert p.global_tree.num_sequences == 0
     assert any("suffix cache" in r.getMessage() for r in caplog.records)
-    run_request(p, "b", [1], [2, 3])  # still usable
-    p.on_request_finish("b")
+    p.finish_request(run_request(p, "b", [1], [2, 3]))  # still usable
     assert p.global_tree.num_sequences == 1
 
 
@@ -473,37 +470,139 @@ def test_config_validation():
     assert SuffixTreeConfig(max_spec_offset=-2.5).max_spec_offset == -2.5
 
 
-def test_unknown_request_ids_are_harmless():
+def test_no_state_and_finished_state_are_harmless():
     p = make()
     ctx = np.asarray([1, 2, 3], np.int32)
-    assert p.propose("nope", ctx, 4) == []
-    p.on_tokens("nope", ctx)
-    p.on_request_finish("nope")
-    p.on_request_finish("nope", aborted=True)
-    assert p.propose_batch([("nope", ctx, 4)]) == [[]]
-    assert p.num_active_requests() == 0
+    assert p.propose(None, ctx, 4) == []
+    assert p.propose_scored(None, ctx, 4) == ([], 0.0, 0)
+    p.on_tokens(None, ctx)
+    p.finish_request(None)
+    p.finish_request(None, aborted=True)
+    assert p.propose_batch([(None, ctx, 4)]) == [[]]
+    assert p.global_tree.num_sequences == 0
+    # Finishing twice caches the response once; a finished state stays inert.
+    a = run_request(p, "a", [1, 2, 3], [4, 5, 1, 2, 3, 4])
+    p.finish_request(a)
+    p.finish_request(a, aborted=True)
+    p.on_tokens(a, ctx)
+    assert p.propose(a, ctx, 4) == []
+    assert [r.tolist() for r in p.cached_responses()] == [[4, 5, 1, 2, 3, 4]]
 
 
-def test_lifecycle_returns_to_zero_and_ids_can_be_reused():
+def test_states_are_independent_and_ids_can_be_reused():
     rng = random.Random(4)
     p = make()
+    outputs = {}
+    states = {}
     for i in range(10):
-        run_request(p, f"r{i}", [rng.randrange(5) for _ in range(8)],
-                    [rng.randrange(5) for _ in range(12)])
-    assert p.num_active_requests() == 10
-    p.on_request_finish("r3", aborted=True)
-    run_request(p, "r3", [1, 2], [3])  # vLLM resubmits aborted ids
-    for i in range(10):
-        p.on_request_finish(f"r{i}")
-    assert p.num_active_requests() == 0
+        outputs[f"r{i}"] = [rng.randrange(5) for _ in range(12)]
+        states[f"r{i}"] = run_request(p, f"r{i}", [rng.randrange(5) for _ in range(8)],
+                                      outputs[f"r{i}"])
+    assert p.global_tree.num_sequences == 0  # nothing cached while they run
+    p.finish_request(states["r3"], aborted=True)
+    # vLLM resubmits aborted ids; the proposer keeps nothing by id, so even a
+    # live state of the same id would not clash.
+    again = run_request(p, "r3", [1, 2], [3])
+    twin = p.start_request("r3", np.asarray([7, 7], np.int32))
+    assert again.tree.sequence_tokens(0).tolist() == [1, 2, 3]
+    assert twin.tree.sequence_tokens(0).tolist() == [7, 7]
+    p.finish_request(twin)  # no output: not cached
+    finished = [again] + [states[f"r{i}"] for i in range(10)]
+    for r in finished:
+        p.finish_request(r)  # r3's first state: already finished, not cached twice
+    assert all(r.tree is None for r in finished)
+    expected = [outputs["r3"], [3]] + [outputs[f"r{i}"] for i in range(10) if i != 3]
+    assert [r.tolist() for r in p.cached_responses()] == expected
     assert p.global_tree.num_sequences == 11
+
+
+def test_start_request_touches_nothing_shared():
+    """start_request may run on a background thread while the step thread
+    drafts for other requests: it builds the new state and changes nothing of
+    the proposer's."""
+    p = make(k=8)
+    p.finish_request(run_request(p, "a", [1, 2, 3], [4, 5, 6, 7, 4, 5, 6, 7]))
+    p.enable_sharing()
+
+    def snapshot(obj):
+        return {k: (v, copy.deepcopy(v)) for k, v in vars(obj).items()}
+
+    def assert_unchanged(obj, before):
+        assert vars(obj).keys() == before.keys()
+        for k, (v, copied) in before.items():
+            assert vars(obj)[k] is v, k  # not rebound
+            if isinstance(v, np.ndarray):
+                assert np.array_equal(v, copied), k
+            elif k != "_global":
+                assert v == copied, k
+
+    before, before_g = snapshot(p), snapshot(p.global_tree)
+    b = p.start_request("b", np.asarray([4, 5, 6] * 50, np.int32))
+    assert b.tree is not p.global_tree and b.prompt_len == 150
+    assert_unchanged(p, before)
+    assert_unchanged(p.global_tree, before_g)
+
+
+def test_start_request_on_another_thread_while_drafting():
+    rng = np.random.default_rng(5)
+    p = make(k=8)
+    prompts = [np.tile(rng.integers(0, 50, 100), 15).astype(np.int32) for _ in range(4)]
+    # Sequential reference.
+    ref = make(k=8)
+    ref_drafts = [ref.propose(ref.start_request("x", pr), pr, 8) for pr in prompts]
+    assert all(len(d) == 8 for d in ref_drafts)
+    # Same, with the tries built on a thread while this one drafts and finishes
+    # a request of its own (which writes the global cache).
+    built = {}
+    errors = []
+
+    def build():
+        try:
+            for i, pr in enumerate(prompts):
+                built[i] = p.start_request(f"bg{i}", pr)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    fg = p.start_request("fg", np.asarray([1, 2, 3], np.int32))
+    t = threading.Thread(target=build)
+    t.start()
+    ctx = [1, 2, 3]
+    for tok in range(200):
+        p.on_tokens(fg, np.asarray([tok % 7], np.int32))
+        ctx.append(tok % 7)
+        p.propose(fg, np.asarray(ctx, np.int32), 8)
+    t.join()
+    assert not errors
+    for i, pr in enumerate(prompts):
+        assert built[i].tree.sequence_tokens(0).tolist() == pr.tolist()
+        built[i].tree.check_invariants()
+        assert p.propose(built[i], pr, 8) == ref_drafts[i]
+    p.finish_request(fg)
+    assert [r.tolist() for r in p.cached_responses()] == [ctx[3:]]
+
+
+def test_kernels_release_the_gil():
+    from numba.core.caching import NullCache
+    from numba.core.registry import CPUDispatcher
+
+    import vllm_spec_plugins.proposers.suffix_tree as mod
+    kernels = [v for v in vars(mod).values() if isinstance(v, CPUDispatcher)]
+    assert len(kernels) >= 20
+    for k in kernels:
+        assert k.targetoptions.get("nogil") is True, k.py_func.__name__
+        assert not isinstance(k._cache, NullCache), k.py_func.__name__  # cache=True kept
+
+
+def test_state_files():
+    assert make().state_files() == {}
+    assert make(cache_path="/tmp/x/cache.npz").state_files() == {"cache_path": "/tmp/x/cache.npz"}
 
 
 def test_propose_batch_and_context_dtypes():
     p = make(k=4, use_global_cache=False)
     text = [5, 6, 7, 8] * 6
-    p.on_request_start("r", np.asarray(text, np.int64))
+    r = p.start_request("r", np.asarray(text, np.int64))
     for ctx in (np.asarray(text, np.int32), np.asarray(text, np.int64), text):
-        assert p.propose("r", ctx, 4) == [5, 6, 7, 8]
-    assert p.propose_batch([("r", np.asarray(text, np.int32), 2), ("x", np.zeros(1, np.int32), 2)]) == [[5, 6], []]
-    assert p.propose("r", np.asarray(text, np.int32), 0) == []
+        assert p.propose(r, ctx, 4) == [5, 6, 7, 8]
+    assert p.propose_batch([(r, np.asarray(text, np.int32), 2), (None, np.zeros(1, np.int32), 2)]) == [[5, 6], []]
+    assert p.propose(r, np.asarray(text, np.int32), 0) == []

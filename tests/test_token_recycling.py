@@ -163,11 +163,11 @@ def test_bad_files_raise_clear_errors_and_keep_contents(tmp_path):
 def test_proposer_matrix_path_good_bad_and_missing(tmp_path, caplog):
     path = tmp_path / "m.npz"
     p = proposer(topk=4, tree_breadth=[2, 1])
-    p.on_target_topk("r", np.array([1], np.int32), np.array([[2, 3, -1, -1]], np.int32),
+    p.on_target_topk(None, np.array([1], np.int32), np.array([[2, 3, -1, -1]], np.int32),
                      np.array([[0.9, 0.05, 0, 0]], np.float32))
     p.save(str(path))
     q = proposer(topk=4, tree_breadth=[2, 1], matrix_path=str(path))
-    assert q.propose("r", np.array([1], np.int32), 4) == [2]
+    assert q.propose(None, np.array([1], np.int32), 4) == [2]
     # A file of another width (or garbage) only logs a warning.
     with caplog.at_level(logging.WARNING):
         bad = proposer(topk=8, matrix_path=str(path))
@@ -223,8 +223,8 @@ def test_best_chain_beats_greedy_top1():
     assert best_chain(t) == [3, 5, 6]  # 0.45 + 0.4275 + 0.385 = 1.26 expected
     p = proposer(topk=4, tree_breadth=[2, 1], min_path_prob=0.0)
     p.matrix = m
-    assert p.propose("r", np.array([9, 1], np.int32), 3) == [3, 5, 6]
-    assert p.propose("r", np.array([9, 1], np.int32), 1) == [2]  # depth 1: 0.5 > 0.45
+    assert p.propose(None, np.array([9, 1], np.int32), 3) == [3, 5, 6]
+    assert p.propose(None, np.array([9, 1], np.int32), 1) == [2]  # depth 1: 0.5 > 0.45
 
 
 def test_best_chain_skips_nodes_below_min_path_prob():
@@ -246,43 +246,62 @@ def test_draft_length_adapts_to_confidence():
     p = proposer(topk=2, tree_breadth=[1], min_path_prob=0.1)
     p.matrix = chain_matrix(0.8)
     # 0.8**10 = 0.107 >= 0.1 > 0.8**11
-    assert p.propose("r", np.array([0], np.int32), 16) == list(range(1, 11))
+    assert p.propose(None, np.array([0], np.int32), 16) == list(range(1, 11))
     p.matrix = chain_matrix(0.5)
-    assert p.propose("r", np.array([0], np.int32), 16) == [1, 2, 3]  # 0.125 >= 0.1 > 0.0625
+    assert p.propose(None, np.array([0], np.int32), 16) == [1, 2, 3]  # 0.125 >= 0.1 > 0.0625
     p.matrix = chain_matrix(0.99)
-    assert len(p.propose("r", np.array([0], np.int32), 16)) == 16  # capped
+    assert len(p.propose(None, np.array([0], np.int32), 16)) == 16  # capped
 
 
 def test_empty_matrix_unknown_root_and_caps():
     p = proposer(k=5)
-    assert p.propose("r", np.array([1, 2, 3], np.int32), 5) == []
-    assert p.propose("r", np.zeros(0, np.int32), 5) == []
+    assert p.propose(None, np.array([1, 2, 3], np.int32), 5) == []
+    assert p.propose(None, np.zeros(0, np.int32), 5) == []
     p.matrix = fill(AdjacencyMatrix(8, 100), {t: [(t + 1, 1.0)] for t in range(50)})
     ctx = np.array([7, 3], np.int32)
-    assert p.propose("r", ctx, 0) == []
-    assert p.propose("r", ctx, 2) == [4, 5]
-    assert p.propose("r", ctx, 100) == [4, 5, 6, 7, 8]  # num_speculative_tokens = 5
-    assert p.propose("r", np.array([99], np.int32), 5) == []  # no row for 99
-    assert p.propose_batch([("a", ctx, 3), ("b", np.array([40], np.int32), 9),
-                            ("c", ctx, 0)]) == [[4, 5, 6], [41, 42, 43, 44, 45], []]
+    assert p.propose(None, ctx, 0) == []
+    assert p.propose(None, ctx, 2) == [4, 5]
+    assert p.propose(None, ctx, 100) == [4, 5, 6, 7, 8]  # num_speculative_tokens = 5
+    assert p.propose(None, np.array([99], np.int32), 5) == []  # no row for 99
+    assert p.propose_batch([(None, ctx, 3), (None, np.array([40], np.int32), 9),
+                            (None, ctx, 0)]) == [[4, 5, 6], [41, 42, 43, 44, 45], []]
     assert p.propose_batch([]) == []
 
 
 def test_lifecycle_and_topk_hook():
     p = proposer(topk=4)
     assert p.target_topk == 4
-    for r in ("a", "b"):
-        p.on_request_start(r, np.array([1, 2], np.int32))
-    assert p.num_active_requests() == 2
-    p.on_target_topk("a", np.array([2, 5], np.int32), np.array([[5, 6, 7, 8], [9, 1, 2, 3]]),
+    before = dict(vars(p))
+    a = p.start_request("a", np.array([1, 2], np.int32))
+    b = p.start_request("b", np.array([1, 2], np.int32))
+    assert a is None and b is None  # no per-request state: the matrix is shared
+    assert vars(p) == before  # and starting a request touches nothing of the proposer's
+    p.on_target_topk(a, np.array([2, 5], np.int32), np.array([[5, 6, 7, 8], [9, 1, 2, 3]]),
                      np.array([[0.7, 0.1, 0.1, 0.1], [0.6, 0.2, 0.1, 0.1]], np.float32))
-    p.on_tokens("a", np.array([5, 9], np.int32))
-    assert p.propose("b", np.array([1, 2], np.int32), 4) == [5, 9]  # shared matrix
-    p.on_request_finish("a")
-    p.on_request_finish("b", aborted=True)
-    p.on_request_finish("never-started")
-    assert p.num_active_requests() == 0
+    p.on_tokens(a, np.array([5, 9], np.int32))
+    assert p.propose(b, np.array([1, 2], np.int32), 4) == [5, 9]  # shared matrix
+    p.finish_request(a)
+    p.finish_request(b, aborted=True)
     assert p.matrix.rows_filled == 2  # the matrix outlives requests
+    assert p.propose(None, np.array([1, 2], np.int32), 4) == [5, 9]
+
+
+
+def test_state_files():
+    assert proposer().state_files() == {}
+    assert proposer(matrix_path="/tmp/x/m.npz").state_files() == {"matrix_path": "/tmp/x/m.npz"}
+
+
+def test_kernels_release_the_gil():
+    from numba.core.caching import NullCache
+    from numba.core.registry import CPUDispatcher
+
+    import vllm_spec_plugins.proposers.token_recycling as mod
+    kernels = [v for v in vars(mod).values() if isinstance(v, CPUDispatcher)]
+    assert len(kernels) >= 6
+    for k in kernels:
+        assert k.targetoptions.get("nogil") is True, k.py_func.__name__
+        assert not isinstance(k._cache, NullCache), k.py_func.__name__  # cache=True kept
 
 
 # ----------------------------------------------------- brute-force reference
@@ -340,7 +359,7 @@ def test_drafts_are_matrix_paths_and_match_reference(mx, data):
         topk=k, tree_breadth=breadth, max_tree_nodes=max_nodes, min_path_prob=pmin,
         max_vocab_size=vocab, calibrate=False), 6)
     if inp:
-        p.on_target_topk("r", np.array(inp, np.int32), np.array(ids, np.int32),
+        p.on_target_topk(None, np.array(inp, np.int32), np.array(ids, np.int32),
                          np.array(probs, np.float32))
     # Reference matrix: later rows win, valid candidates, best first (stable).
     rows = {}
@@ -356,7 +375,7 @@ def test_drafts_are_matrix_paths_and_match_reference(mx, data):
         assert p.matrix.row(t) == (([c for c, _ in rows[t]], [q for _, q in rows[t]])
                                    if t in rows else ([], []))
     root = data.draw(st.integers(0, vocab))
-    draft = p.propose("r", np.array([root], np.int32), cap)
+    draft = p.propose(None, np.array([root], np.int32), cap)
     assert len(draft) <= min(cap, 6)
     prev, pp = root, 1.0
     for tok in draft:  # a path of the matrix, every prefix above min_path_prob
@@ -392,11 +411,11 @@ def test_acceptance_rises_as_the_matrix_warms():
         return int(ids[0]), ids
 
     p = proposer(k=k, topk=K, tree_breadth=[2, 1])
-    p.on_request_start("r", np.array([0, 1], np.int32))
+    r = p.start_request("r", np.array([0, 1], np.int32))
     ctx = [0, 1]
     accepted = []
     for _ in range(600):
-        draft = p.propose("r", np.array(ctx, np.int32), k)
+        draft = p.propose(r, np.array(ctx, np.int32), k)
         inputs = [ctx[-1]] + draft
         rows_ids, n_acc = [], 0
         for j, tok in enumerate(inputs):  # verify: greedy target, chain prefix
@@ -405,18 +424,17 @@ def test_acceptance_rises_as_the_matrix_warms():
             if j < len(draft) and n_acc == j and draft[j] == nxt:
                 n_acc += 1
         bonus, _ = target(len(ctx) + n_acc, inputs[n_acc])
-        p.on_target_topk("r", np.array(inputs, np.int32), np.array(rows_ids),
+        p.on_target_topk(r, np.array(inputs, np.int32), np.array(rows_ids),
                          np.tile(cand_probs, (len(inputs), 1)))
         new = draft[:n_acc] + [bonus]
-        p.on_tokens("r", np.array(new, np.int32))
+        p.on_tokens(r, np.array(new, np.int32))
         ctx += new
         accepted.append(n_acc)
     first, last = np.mean(accepted[:50]), np.mean(accepted[-200:])
     print(f"\nmean accepted tokens/step: first 50 steps {first:.2f}, last 200 {last:.2f}")
     assert first < 0.5
     assert 2.5 < last < k  # warm, but the context effect still costs tokens
-    p.on_request_finish("r")
-    assert p.num_active_requests() == 0
+    p.finish_request(r)
 
 
 # ------------------------------------------------------------- calibration
@@ -452,13 +470,13 @@ def test_draft_threshold_rises_with_the_step_batch():
     assert p.draft_threshold(10_000) == 0.95
     p.matrix = fill(AdjacencyMatrix(2, 100), {t: [(t + 1, 0.8)] for t in range(60)})
     ctx = np.array([0], np.int32)
-    assert len(p.propose("r", ctx, 16)) == 10  # 0.8**10 >= 0.1
-    one_row_step = p.propose_batch([("r", ctx, 16)], step_rows=5)[0]
+    assert len(p.propose(None, ctx, 16)) == 10  # 0.8**10 >= 0.1
+    one_row_step = p.propose_batch([(None, ctx, 16)], step_rows=5)[0]
     assert one_row_step == list(range(1, 8))  # 0.8**7 = 0.21 >= 0.2 > 0.8**8
-    assert p.propose_batch([("r", ctx, 16)] * 5) == [one_row_step] * 5
+    assert p.propose_batch([(None, ctx, 16)] * 5) == [one_row_step] * 5
     flat = proposer(topk=2, tree_breadth=[1], min_path_prob=0.1, batch_cost_slope=0.0)
     flat.matrix = p.matrix
-    assert len(flat.propose_batch([("r", ctx, 16)] * 5)[0]) == 10
+    assert len(flat.propose_batch([(None, ctx, 16)] * 5)[0]) == 10
 
 
 def simulate(p: TokenRecyclingProposer, steps: int, seed: int, k: int = 8):
@@ -483,13 +501,13 @@ def simulate(p: TokenRecyclingProposer, steps: int, seed: int, k: int = 8):
     drafted = accepted = 0
     for step in range(steps):
         hidden = int(rng.integers(4))
-        draft = p.propose("r", np.array(ctx, np.int32), k)
+        draft = p.propose(None, np.array(ctx, np.int32), k)
         inputs = [ctx[-1]] + draft
         rows = [row(t, hidden) for t in inputs]
         n_acc = 0
         while n_acc < len(draft) and draft[n_acc] == rows[n_acc][0]:
             n_acc += 1
-        p.on_target_topk("r", np.array(inputs, np.int32), np.array(rows, np.int32),
+        p.on_target_topk(None, np.array(inputs, np.int32), np.array(rows, np.int32),
                          np.tile(probs, (len(inputs), 1)))
         ctx += draft[:n_acc] + [rows[n_acc][0]]
         if step >= steps // 4:
@@ -531,7 +549,7 @@ def test_reliability_record_survives_save_load_and_v1_files_load(tmp_path):
     ctx = np.array([0, 5], np.int32)
     q = proposer(topk=4, tree_breadth=[1])
     q.matrix = m2
-    assert q.propose("r", ctx, 8) == p.propose("r", ctx, 8)
+    assert q.propose(None, ctx, 8) == p.propose(None, ctx, 8)
     # A version-1 file (before the record existed) loads with an empty record.
     v1 = tmp_path / "v1.npz"
     with open(v1, "wb") as f:
@@ -580,13 +598,13 @@ def test_propose_batch_timing_printed():
     # Confident rows (top-1 0.9): mostly a single chain of 16 tokens.
     confident = np.tile(np.array([0.9, 0.03, 0.02, 0.02, 0.01, 0.01, 0.005, 0.005],
                                  np.float32), (V, 1))
-    batch = [(str(i), rng.integers(0, V, 100).astype(np.int32), 16) for i in range(32)]
+    batch = [(None, rng.integers(0, V, 100).astype(np.int32), 16) for i in range(32)]
     for name, probs, pmin in [("confident rows", confident, 0.1),
                               ("worst case: full 125-node tree", np.full((V, 8), 0.9,
                                                                          np.float32), 0.0)]:
         # batch_cost_slope 0: the full-length drafts are what is timed here
         p = proposer(k=16, min_path_prob=pmin, batch_cost_slope=0.0)
-        p.on_target_topk("r", np.arange(V, dtype=np.int32), ids, probs)
+        p.on_target_topk(None, np.arange(V, dtype=np.int32), ids, probs)
         assert len(p.draft_tree(batch[0][1], 16)) == (17 if pmin else 125)
         assert all(len(d) == 16 for d in p.propose_batch(batch))
         reps = 200
@@ -596,7 +614,7 @@ def test_propose_batch_timing_printed():
         dt = (time.perf_counter() - t0) / reps
         t0 = time.perf_counter()
         for _ in range(reps):
-            p.on_target_topk("r", batch[0][1][:17], ids[:17], probs[:17])
+            p.on_target_topk(None, batch[0][1][:17], ids[:17], probs[:17])
         du = (time.perf_counter() - t0) / reps
         print(f"\n{name}: propose_batch(32 rows, k=8, 16 tokens) {dt * 1e3:.3f} ms/step = "
               f"{dt / 32 * 1e6:.1f} us/row; on_target_topk(17 rows) {du * 1e6:.1f} us; "

@@ -4,9 +4,16 @@ process at startup, before any worker exists."""
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+
+def _same_path(a: str, b: str) -> bool:
+    def norm(p: str) -> str:
+        return os.path.abspath(os.path.expanduser(p))
+    return norm(a) == norm(b)
 
 
 class SuffixTreeConfig(BaseModel):
@@ -153,6 +160,19 @@ class SuffixRecyclingConfig(BaseModel):
         if st is not None and v > st.max_tree_depth - 1:
             raise ValueError(f"must be <= suffix_tree.max_tree_depth-1 "
                              f"({st.max_tree_depth - 1}): longer matches are never found")
+        return v
+
+    @field_validator("token_recycling")
+    @classmethod
+    def _distinct_state_files(cls, v: TokenRecyclingConfig,
+                              info: ValidationInfo) -> TokenRecyclingConfig:
+        st = info.data.get("suffix_tree")
+        cache, matrix = (st.cache_path if st is not None else None), v.matrix_path
+        if cache and matrix and _same_path(cache, matrix):
+            raise ValueError(
+                f"suffix_tree.cache_path ({cache!r}) and token_recycling.matrix_path "
+                f"({matrix!r}) name the same file: the matrix would overwrite the "
+                f"suffix cache on every save; give each its own file")
         return v
 
 

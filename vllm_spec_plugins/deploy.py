@@ -21,13 +21,14 @@ import copy
 import json
 from typing import Any, Literal, Optional
 
-from vllm_spec_plugins.registry import CONFIG_KEY, METHODS, PluginConfigError, resolve
+from vllm_spec_plugins import engine_config
+from vllm_spec_plugins.engine_config import DRAFTER_CLASS_PATH, selects_plugin
+from vllm_spec_plugins.registry import METHODS, PluginConfigError
 
 __all__ = ["speculative_engine_kwargs", "serve_config", "rayservice_manifest", "dump_yaml", "RECIPES",
            "DRAFTER_CLASS_PATH", "PLUGIN_ENV", "APP_BUILDER", "build_openai_app",
            "check_plugin_importable", "PluginMissingError"]
 
-DRAFTER_CLASS_PATH = "vllm_spec_plugins.integration.PluginDrafter"
 # Every vLLM process of a replica loads the plugin (and only it) through this.
 PLUGIN_ENV = {"VLLM_PLUGINS": "vllm_spec_plugins"}
 #: KV cache per CPU replica (a CPU node serves a few concurrent requests).
@@ -52,16 +53,10 @@ def speculative_engine_kwargs(method: str, num_speculative_tokens: int = 8,
     setting raises ValueError naming it), for any Ray or vLLM entry point."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
-    if int(num_speculative_tokens) < 1:
-        raise ValueError("num_speculative_tokens must be >= 1")
-    plugin = {"method": method, **(settings or {})}
     try:
-        resolve(plugin)
+        return engine_config.engine_kwargs(method, num_speculative_tokens, settings)
     except PluginConfigError as e:
         raise ValueError(str(e)) from None
-    return {"speculative_config": {"method": "custom_class", "model": DRAFTER_CLASS_PATH,
-                                   "num_speculative_tokens": int(num_speculative_tokens)},
-            "additional_config": {CONFIG_KEY: plugin}}
 
 
 def serve_config(method: str, *, model_id: str, model_source: str,
@@ -99,13 +94,11 @@ def serve_config(method: str, *, model_id: str, model_source: str,
         raise ValueError("tensor_parallel_size > 1 needs target 'gpu' (vLLM's CPU "
                          "build runs one worker per replica here)")
     if sharing is not None:
-        from vllm_spec_plugins.integration import SHARING_KEY, sharing_config
-
         try:
-            sharing_config({SHARING_KEY: sharing})
+            kwargs["additional_config"] = engine_config.engine_kwargs(
+                method, num_speculative_tokens, settings, sharing)["additional_config"]
         except PluginConfigError as e:  # names the field
             raise ValueError(str(e)) from None
-        kwargs["additional_config"][SHARING_KEY] = dict(sharing)
     kwargs.update(copy.deepcopy(engine_kwargs or {}))
     runtime_env: dict[str, Any] = {"env_vars": dict(PLUGIN_ENV)}
     if pip:
@@ -213,7 +206,7 @@ def _uses_plugin(llm_config: Any) -> bool:
     kwargs = (llm_config.get("engine_kwargs") if isinstance(llm_config, dict)
               else getattr(llm_config, "engine_kwargs", None)) or {}
     spec = kwargs.get("speculative_config") or {}
-    return isinstance(spec, dict) and spec.get("model") == DRAFTER_CLASS_PATH
+    return isinstance(spec, dict) and selects_plugin(spec)
 
 
 def build_openai_app(args: dict[str, Any]):

@@ -18,12 +18,7 @@ from vllm_spec_plugins.config import (
     TokenRecyclingConfig,
 )
 
-#: Key of the plugin's settings inside vLLM's ``additional_config``.
-CONFIG_KEY = "spec_plugins"
-
-
-class PluginConfigError(ValueError):
-    """Bad plugin settings. The message names the field and how to fix it."""
+from vllm_spec_plugins.engine_config import CONFIG_KEY, PluginConfigError  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,11 @@ class HubClient:
         self._warned = False
         self._connecting: Optional[threading.Thread] = None
         self.stats = {"pushed": 0, "pulled": 0, "sync_errors": 0}
+        # The connect thread and the step thread (or a flush) both change the
+        # fields above: every read-modify-write of them holds this lock. Slow
+        # work (joining Ray) runs outside it; Ray calls made under it
+        # (.remote(), ray.wait(timeout=0)) never block.
+        self._lock = threading.RLock()
 
     # -- connection --------------------------------------------------------
     def _connect(self):
@@ -143,16 +148,21 @@ class HubClient:
             except Exception as e:  # noqa: BLE001 - Ray down, bad address
                 self._fail("connect", e)
                 return
-            if self._warned:
-                logger.info("vllm-spec-plugins: shared cache hub %r reachable again",
-                            self.config.hub)
-                self._warned = False
-            self._hub = hub
+            with self._lock:
+                if self._warned:
+                    logger.info("vllm-spec-plugins: shared cache hub %r reachable again",
+                                self.config.hub)
+                    self._warned = False
+                self._hub = hub
 
         self._connecting = threading.Thread(target=run, name="vsp-hub-connect", daemon=True)
         self._connecting.start()
 
     def _fail(self, what: str, err: BaseException) -> None:
+        with self._lock:
+            self._fail_locked(what, err)
+
+    def _fail_locked(self, what: str, err: BaseException) -> None:
         self.stats["sync_errors"] += 1
         self._hub = None
         self._pending_pull = None
@@ -168,8 +178,9 @@ class HubClient:
         step: joining Ray from an engine process takes seconds, and a replica
         whose first requests finish before it is connected would hold what
         they taught until its next request (an idle engine runs no steps)."""
-        if self._hub is None and not self._connect_running():
-            self._connect_in_background()
+        with self._lock:
+            if self._hub is None and not self._connect_running():
+                self._connect_in_background()
 
     def _connect_running(self) -> bool:
         return self._connecting is not None and self._connecting.is_alive()
@@ -180,6 +191,10 @@ class HubClient:
         import now). Every ``interval_s`` (or when ``force``), pushes
         ``export()`` (if not None) and starts the next pull. Never blocks:
         connecting happens on a background thread."""
+        with self._lock:
+            return self._tick_locked(export, force)
+
+    def _tick_locked(self, export, force: bool) -> list[Any]:
         now = self._clock()
         got: list[Any] = []
         if self._pending_pull is not None:
@@ -203,9 +218,15 @@ class HubClient:
         return got
 
     def _collect(self) -> list[Any]:
+        with self._lock:
+            return self._collect_locked()
+
+    def _collect_locked(self) -> list[Any]:
         import ray
 
         ref = self._pending_pull
+        if ref is None:
+            return []
         try:
             ready, _ = ray.wait([ref], timeout=0)
             if not ready:

@@ -191,7 +191,7 @@ def engine_kwargs(method: MethodSpec, *, model: str, dtype: str, seed: int, k: i
         kw["speculative_config"] = {"method": "draft_model", "model": draft_model_path,
                                     "num_speculative_tokens": k}
     elif method.kind == "plugin":
-        from vllm_spec_plugins.integration import CONFIG_KEY, speculative_config
+        from vllm_spec_plugins.engine_config import CONFIG_KEY, speculative_config
 
         kw["speculative_config"] = speculative_config(k)
         kw["additional_config"] = {CONFIG_KEY: {"method": method.plugin_method,

@@ -1,24 +1,75 @@
 """The one interface every proposer implements. Plain Python: no vLLM imports.
 
-The vLLM integration layer (``vllm_spec_plugins.integration``) owns the request
-lifecycle and calls these hooks; proposers only see request ids and token ids.
+The integration layer (``vllm_spec_plugins.integration``) owns the request
+lifecycle: its request table is the one place that knows which requests are
+live. A proposer keeps no per-request registry of its own: ``start_request``
+returns the request's state, the table keeps it, and every later hook gets it
+back.
 """
 
 from __future__ import annotations
 
 import abc
+import glob
 import os
 import tempfile
-from typing import Optional, Sequence
+import time
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
+#: What ``Proposer.start_request`` returned for a request (opaque to the
+#: integration layer; may be None for a proposer with no per-request state).
+RequestState = Any
 
-def save_npz_atomic(path: str, prefix: str, **arrays: np.ndarray) -> None:
-    """Write ``arrays`` as one .npz at ``path`` atomically (temp file in the same
-    directory, fsync, replace), so a crash never leaves a half-written state file."""
+#: A temp file of an interrupted save older than this is removed by the next save.
+STALE_TEMP_AGE_S = 3600.0
+
+
+def _temp_prefix(path: str) -> str:
+    return f".{os.path.basename(path)}.{os.getpid()}."
+
+
+def remove_stale_temps(path: str, max_age_s: float = STALE_TEMP_AGE_S) -> list[str]:
+    """Remove temp files that an interrupted save of ``path`` left behind: those of
+    a process that no longer runs, or older than ``max_age_s``. Returns what it removed."""
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=d)
+    removed = []
+    now = time.time()
+    for tmp in glob.glob(os.path.join(d, f".{glob.escape(os.path.basename(path))}.*.tmp")):
+        try:
+            pid = int(os.path.basename(tmp)[len(os.path.basename(path)) + 2:].split(".", 1)[0])
+        except ValueError:
+            pid = -1
+        try:
+            alive = pid > 0 and pid != os.getpid() and _pid_alive(pid)
+            if pid == os.getpid() or (alive and now - os.path.getmtime(tmp) < max_age_s):
+                continue
+            os.unlink(tmp)
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def save_npz_atomic(path: str, **arrays: np.ndarray) -> None:
+    """Write ``arrays`` as one .npz at ``path`` atomically (temp file in the same
+    directory, fsync, replace), so a crash never leaves a half-written state file.
+    The temp file is named after ``path`` and this process id, so the next save
+    (of any process) removes one that a killed process left behind."""
+    remove_stale_temps(path)
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=d)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
@@ -36,35 +87,43 @@ def save_npz_atomic(path: str, prefix: str, **arrays: np.ndarray) -> None:
 class Proposer(abc.ABC):
     """Drafts token chains for running requests.
 
-    Lifecycle, per request id (all calls from one thread, the model runner's):
-      on_request_start(req_id, prompt)       once, before the first propose
-      on_tokens(req_id, new_tokens)          every step, tokens appended since last call
-      propose_batch([...])                   every decode step
-      on_request_finish(req_id, aborted)     once: finished, aborted or evicted
-    A request id may be reused after it finished (vLLM resubmits aborted ids):
-    the integration layer always calls finish before a second start.
+    Lifecycle of one request (the integration layer calls these):
+      state = start_request(req_id, prompt)   once, before the first propose
+      on_target_topk(state, ...)              each step, if target_topk > 0
+      on_tokens(state, new_tokens)            each step: tokens appended since last call
+      propose_batch([(state, context, k)])    each decode step
+      finish_request(state, aborted)          once: finished, aborted or evicted
+
+    Threads: ``start_request`` may run on the integration layer's background
+    thread (long prompts are prepared off the engine step) while the step thread
+    drafts for other requests, so it must only build and return the new state,
+    touching nothing shared with other requests. Every other hook runs on the
+    step thread. Save/load and import_shared run with the step's drafting
+    paused (the integration layer holds the proposer lock).
     """
 
     @abc.abstractmethod
-    def on_request_start(self, req_id: str, prompt_token_ids: np.ndarray) -> None: ...
+    def start_request(self, req_id: str, prompt_token_ids: np.ndarray) -> RequestState:
+        """Build the per-request state from the prompt (see the class note on
+        threads). ``req_id`` is for messages; do not keep a registry by it."""
 
     @abc.abstractmethod
-    def on_tokens(self, req_id: str, new_token_ids: np.ndarray) -> None: ...
+    def on_tokens(self, state: RequestState, new_token_ids: np.ndarray) -> None: ...
 
     @abc.abstractmethod
-    def propose(self, req_id: str, context: np.ndarray, max_tokens: int) -> list[int]:
+    def propose(self, state: RequestState, context: np.ndarray, max_tokens: int) -> list[int]:
         """Return at most ``max_tokens`` draft tokens that continue ``context``.
 
         ``context`` is prompt + output so far (read-only view, int32)."""
 
     def propose_batch(
-        self, batch: Sequence[tuple[str, np.ndarray, int]]
+        self, batch: Sequence[tuple[RequestState, np.ndarray, int]]
     ) -> list[list[int]]:
         """Default: one ``propose`` per row. Override to vectorise."""
-        return [self.propose(r, ctx, k) for r, ctx, k in batch]
+        return [self.propose(s, ctx, k) for s, ctx, k in batch]
 
-    @abc.abstractmethod
-    def on_request_finish(self, req_id: str, aborted: bool = False) -> None: ...
+    def finish_request(self, state: RequestState, aborted: bool = False) -> None:
+        """The request finished (or was aborted): learn from it, release it."""
 
     # Optional: the target model's own top-k candidates at verified positions.
     #: Width of the top-k this proposer wants from the target (0 = none). When
@@ -72,7 +131,7 @@ class Proposer(abc.ABC):
     #: already computed (no extra forward pass) and calls on_target_topk.
     target_topk: int = 0
 
-    def on_target_topk(self, req_id: str, input_token_ids: np.ndarray,
+    def on_target_topk(self, state: RequestState, input_token_ids: np.ndarray,
                        topk_ids: np.ndarray, topk_probs: np.ndarray) -> None:
         """The target's candidates of this step, called before ``on_tokens``.
 
@@ -90,6 +149,12 @@ class Proposer(abc.ABC):
 
     def load(self, path: str) -> None:  # pragma: no cover - default no-op
         raise NotImplementedError(f"{type(self).__name__} has no state to load")
+
+    def state_files(self) -> dict[str, str]:
+        """The state files its settings name, by setting (e.g.
+        ``{"suffix_tree.cache_path": "/data/cache.npz"}``): the integration
+        layer checks at startup that each can be written."""
+        return {}
 
     def save_state(self) -> bool:
         """Save cross-request state to the path(s) its settings name, if any
@@ -119,7 +184,3 @@ class Proposer(abc.ABC):
 
     def warmup(self) -> None:
         """Compile/prepare before serving (called once by the integration layer)."""
-
-    def num_active_requests(self) -> int:
-        """How many requests hold per-request state (tests check it returns to 0)."""
-        return 0

@@ -12,22 +12,23 @@ general drafter otherwise).
   shorter match is still better than no draft: it already passed the suffix
   tree's own probability threshold.
 
-Both halves see every lifecycle hook, so either is ready when chosen.
+Both halves see every lifecycle hook, so either is ready when chosen: the
+request state is a :class:`HybridState` holding each half's own state.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from vllm_spec_plugins.config import SuffixRecyclingConfig
 
-from .base import Proposer
-from .suffix_tree import SuffixTreeProposer
+from .base import Proposer, RequestState
+from .suffix_tree import SuffixTreeProposer, _Request
 from .token_recycling import TokenRecyclingProposer
 
-__all__ = ["SuffixRecyclingConfig", "SuffixRecyclingProposer", "state_paths"]
+__all__ = ["SuffixRecyclingConfig", "SuffixRecyclingProposer", "HybridState", "state_paths"]
 
 
 def state_paths(path: str) -> tuple[str, str]:
@@ -38,6 +39,18 @@ def state_paths(path: str) -> tuple[str, str]:
     between the two writes leaves two valid (if unequally fresh) files."""
     stem = path[:-4] if path.endswith(".npz") else path
     return stem + ".suffix.npz", stem + ".recycling.npz"
+
+
+class HybridState(NamedTuple):
+    """Per-request state of :class:`SuffixRecyclingProposer`: each half's
+    own (what its ``start_request`` returned)."""
+
+    suffix: Optional[_Request]
+    recycling: RequestState
+
+
+def _halves(state: Optional[HybridState]) -> tuple[Optional[_Request], RequestState]:
+    return (None, None) if state is None else (state.suffix, state.recycling)
 
 
 class SuffixRecyclingProposer(Proposer):
@@ -58,27 +71,29 @@ class SuffixRecyclingProposer(Proposer):
                               "suffix_tree_fallback": 0, "none": 0}
 
     # ---------------------------------------------------------- lifecycle
-    def on_request_start(self, req_id: str, prompt_token_ids: np.ndarray) -> None:
-        self.suffix.on_request_start(req_id, prompt_token_ids)
-        self.recycling.on_request_start(req_id, prompt_token_ids)
+    def start_request(self, req_id: str, prompt_token_ids: np.ndarray) -> HybridState:
+        """Both halves' states (each half's start_request only builds its own,
+        so this may run on another thread too)."""
+        return HybridState(self.suffix.start_request(req_id, prompt_token_ids),
+                           self.recycling.start_request(req_id, prompt_token_ids))
 
-    def on_tokens(self, req_id: str, new_token_ids: np.ndarray) -> None:
-        self.suffix.on_tokens(req_id, new_token_ids)
-        self.recycling.on_tokens(req_id, new_token_ids)
+    def on_tokens(self, state: Optional[HybridState], new_token_ids: np.ndarray) -> None:
+        s, r = _halves(state)
+        self.suffix.on_tokens(s, new_token_ids)
+        self.recycling.on_tokens(r, new_token_ids)
 
-    def on_target_topk(self, req_id: str, input_token_ids: np.ndarray,
+    def on_target_topk(self, state: Optional[HybridState], input_token_ids: np.ndarray,
                        topk_ids: np.ndarray, topk_probs: np.ndarray) -> None:
-        self.suffix.on_target_topk(req_id, input_token_ids, topk_ids, topk_probs)
-        self.recycling.on_target_topk(req_id, input_token_ids, topk_ids, topk_probs)
+        s, r = _halves(state)
+        self.suffix.on_target_topk(s, input_token_ids, topk_ids, topk_probs)
+        self.recycling.on_target_topk(r, input_token_ids, topk_ids, topk_probs)
 
-    def on_request_finish(self, req_id: str, aborted: bool = False) -> None:
+    def finish_request(self, state: Optional[HybridState], aborted: bool = False) -> None:
+        s, r = _halves(state)
         try:
-            self.suffix.on_request_finish(req_id, aborted)
+            self.suffix.finish_request(s, aborted)
         finally:
-            self.recycling.on_request_finish(req_id, aborted)
-
-    def num_active_requests(self) -> int:
-        return max(self.suffix.num_active_requests(), self.recycling.num_active_requests())
+            self.recycling.finish_request(r, aborted)
 
     # ------------------------------------------------------------ sharing
     def enable_sharing(self) -> None:
@@ -107,15 +122,17 @@ class SuffixRecyclingProposer(Proposer):
         self.recycling.warmup()
 
     # ------------------------------------------------------------ drafting
-    def propose(self, req_id: str, context: np.ndarray, max_tokens: int) -> list[int]:
-        return self.propose_batch([(req_id, context, max_tokens)])[0]
+    def propose(self, state: Optional[HybridState], context: np.ndarray,
+                max_tokens: int) -> list[int]:
+        return self.propose_batch([(state, context, max_tokens)])[0]
 
-    def propose_batch(self, batch: Sequence[tuple[str, np.ndarray, int]]) -> list[list[int]]:
+    def propose_batch(self, batch: Sequence[tuple[Optional[HybridState], np.ndarray, int]]
+                      ) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in batch]
         fallback: dict[int, list[int]] = {}
         rest: list[int] = []
-        for i, (req_id, ctx, k) in enumerate(batch):
-            toks, _score, match_len = self.suffix.propose_scored(req_id, ctx, k)
+        for i, (state, ctx, k) in enumerate(batch):
+            toks, _score, match_len = self.suffix.propose_scored(_halves(state)[0], ctx, k)
             if toks and match_len >= self._min_match:
                 out[i] = toks
                 self.choice_counts["suffix_tree"] += 1
@@ -125,8 +142,9 @@ class SuffixRecyclingProposer(Proposer):
                 rest.append(i)
         if rest:
             # The verification cost of a drafted token depends on the whole step.
-            drafts = self.recycling.propose_batch([batch[i] for i in rest],
-                                                  step_rows=len(batch))
+            drafts = self.recycling.propose_batch(
+                [(_halves(batch[i][0])[1], batch[i][1], batch[i][2]) for i in rest],
+                step_rows=len(batch))
             for i, d in zip(rest, drafts):
                 if d:
                     out[i] = d
@@ -139,6 +157,11 @@ class SuffixRecyclingProposer(Proposer):
         return out
 
     # --------------------------------------------------------- persistence
+    def state_files(self) -> dict[str, str]:
+        """Each half's, keyed by the hybrid's dotted setting name."""
+        return {**{f"suffix_tree.{k}": v for k, v in self.suffix.state_files().items()},
+                **{f"token_recycling.{k}": v for k, v in self.recycling.state_files().items()}}
+
     def save_state(self) -> bool:
         """Each half to the path its own settings name (suffix_tree.cache_path,
         token_recycling.matrix_path), where it also loads from at start."""

@@ -40,9 +40,11 @@ O(#repeated open suffixes) <= O(D). When an occurrence hits a lazy leaf the
 leaf is promoted to internal and its single child materialised from its
 pointer (one level at a time, like splitting an edge in a suffix tree).
 
-All hot paths are numba ``@njit(cache=True)`` kernels over numpy arrays held
-by :class:`SuffixTree` (grown geometrically on the Python side). Children are
-found through an open-addressing hash table keyed by (parent, token).
+All hot paths are numba ``@njit(cache=True, nogil=True)`` kernels over numpy
+arrays held by :class:`SuffixTree` (grown geometrically on the Python side).
+Children are found through an open-addressing hash table keyed by (parent,
+token). ``nogil``: a request's trie is built on the integration layer's
+background thread (``start_request``), which must not stall the engine step.
 """
 
 from __future__ import annotations
@@ -115,12 +117,12 @@ _TOMB = -2
 
 
 # ------------------------------------------------------------------ hashing
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _hkey(parent, token):
     return (np.int64(parent) << np.int64(32)) | (np.int64(token) & np.int64(0xFFFFFFFF))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _hslot(key, mask):
     # splitmix64 finaliser: parents are dense small ints, so mix well.
     z = np.uint64(key)
@@ -130,7 +132,7 @@ def _hslot(key, mask):
     return np.int64(z & np.uint64(mask))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _hfind(hk, hv, key):
     mask = hk.shape[0] - 1
     i = _hslot(key, mask)
@@ -143,7 +145,7 @@ def _hfind(hk, hv, key):
         i = (i + 1) & mask
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _hinsert(hk, hv, st, key, val):
     """Insert a key known to be absent (first tombstone or empty slot)."""
     mask = hk.shape[0] - 1
@@ -160,7 +162,7 @@ def _hinsert(hk, hv, st, key, val):
         i = (i + 1) & mask
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _hdelete(hk, st, key):
     mask = hk.shape[0] - 1
     i = _hslot(key, mask)
@@ -176,7 +178,7 @@ def _hdelete(hk, st, key):
         i = (i + 1) & mask
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _hrebuild(hk, hv, nk, nv):
     mask = nk.shape[0] - 1
     live = 0
@@ -193,7 +195,7 @@ def _hrebuild(hk, hv, nk, nv):
 
 
 # ------------------------------------------------------------- node helpers
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _new_node(n32, n64, hk, hv, st, parent, token, depth, oseq, oend):
     if st[_S_FREE] >= 0:
         c = st[_S_FREE]
@@ -222,7 +224,7 @@ def _new_node(n32, n64, hk, hv, st, parent, token, depth, oseq, oend):
     return c
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _bump(n32, n64, st, c):
     """count += 1 and keep the parent's best child: the incremented child is
     the most recent, so it wins ties."""
@@ -235,7 +237,7 @@ def _bump(n32, n64, st, c):
         n32[p, _BEST] = c
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _free_node(n32, n64, hk, st, c):
     p = n32[c, _PAR]
     ps = n32[c, _PSIB]
@@ -258,7 +260,7 @@ def _free_node(n32, n64, hk, st, c):
     st[_S_NNODES] -= 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rescan_best(n32, n64, p):
     b = -1
     c = n32[p, _FCH]
@@ -272,7 +274,7 @@ def _rescan_best(n32, n64, p):
 
 
 # ------------------------------------------------------------------- insert
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _promote(n32, n64, hk, hv, st, ar, sq, op, c, q, pos, max_depth):
     """A lazy leaf gets its second occurrence: make it internal and
     materialise the one child its first occurrence implies."""
@@ -296,7 +298,7 @@ def _promote(n32, n64, hk, hv, st, ar, sq, op, c, q, pos, max_depth):
             sq[so, _Q_NOPEN] = d
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _extend(n32, n64, hk, hv, st, ar, sq, op, scratch, q, pos, end, max_depth):
     """Append the tokens already written at offsets [pos, end) of slot q.
 
@@ -346,7 +348,7 @@ def _extend(n32, n64, hk, hv, st, ar, sq, op, scratch, q, pos, end, max_depth):
 
 
 # ------------------------------------------------------------------- remove
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _mark_dirty(n32, dirty, nd, p):
     if n32[p, _BEST] != -2:
         n32[p, _BEST] = -2
@@ -359,7 +361,7 @@ def _mark_dirty(n32, dirty, nd, p):
     return dirty, nd
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _push(stack, sp, x):
     """stack[sp] = x, doubling the stack when full; returns the (new) stack."""
     if sp == stack.shape[0]:
@@ -370,7 +372,7 @@ def _push(stack, sp, x):
     return stack
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _remove(n32, n64, hk, hv, st, ar, sq, op, q, max_depth):
     """Subtract slot q's occurrences. Only valid when q is older than every
     other stored sequence (all its appends precede theirs): then any node
@@ -446,7 +448,7 @@ def _remove(n32, n64, hk, hv, st, ar, sq, op, q, max_depth):
 
 
 # ------------------------------------------------------------ match / draft
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _walk(n32, n64, hk, hv, ar, sq, toks, lo, hi, max_depth):
     """Position of the substring toks[lo:hi]: (node, j) where j > 0 means j
     levels below lazy leaf ``node`` (implicit). (-1, 0) if absent."""
@@ -470,7 +472,7 @@ def _walk(n32, n64, hk, hv, ar, sq, toks, lo, hi, max_depth):
     return node, j
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _next(n32, n64, ar, sq, node, j, max_depth):
     """Most frequent continuation of (node, j): (node', j', token, count);
     node' = -1 if there is none."""
@@ -486,7 +488,7 @@ def _next(n32, n64, ar, sq, node, j, max_depth):
     return node, j + 1, np.int64(ar[sq[s, _Q_START] + e]), np.int64(1)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _denom(n32, n64, sq, op, node, j, live_q):
     """Occurrences of (node, j) that could have been followed by a token.
     The occurrence ending at the live sequence's last token has no successor
@@ -501,7 +503,7 @@ def _denom(n32, n64, sq, op, node, j, live_q):
     return d
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _match(n32, n64, hk, hv, ar, sq, toks, n, max_depth, need_next):
     """Longest L <= min(max_depth-1, n) such that toks[n-L:n] occurs (and,
     with need_next, occurs followed by a token). Both properties are closed
@@ -526,7 +528,7 @@ def _match(n32, n64, hk, hv, ar, sq, toks, n, max_depth, need_next):
     return lo, bn, bj
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _greedy(n32, n64, hk, hv, ar, sq, op, buf, nb, node, j, cap, min_prob,
             live_q, max_depth, out):
     """Follow best children from (node, j). buf[:nb] holds the context tail
@@ -562,7 +564,7 @@ def _greedy(n32, n64, hk, hv, ar, sq, op, buf, nb, node, j, cap, min_prob,
     return n, score, False
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _draft(n32, n64, hk, hv, ar, sq, op, ctx, max_tokens, factor, offset,
            min_prob, live_q, max_depth):
     """Returns (tokens, score, match_len). See SuffixTree.draft."""
@@ -962,12 +964,22 @@ from vllm_spec_plugins.config import SuffixTreeConfig  # noqa: E402
 
 # =================================================================== proposer
 class _Request:
-    __slots__ = ("tree", "prompt_len", "slot")
+    """Per-request state of :class:`SuffixTreeProposer` (what ``start_request``
+    returns): the request's own trie over prompt + output so far. ``tree`` is
+    None once the request finished."""
 
-    def __init__(self, tree: SuffixTree, prompt_len: int) -> None:
-        self.tree = tree
+    __slots__ = ("req_id", "tree", "prompt_len", "slot")
+
+    def __init__(self, req_id: str, tree: SuffixTree, prompt_len: int) -> None:
+        self.req_id = req_id
+        self.tree: Optional[SuffixTree] = tree
         self.prompt_len = prompt_len
         self.slot = tree._slot_of[0]
+
+    def __repr__(self) -> str:
+        n = -1 if self.tree is None else self.tree.sequence_length(0)
+        return (f"_Request({self.req_id!r}, prompt_len={self.prompt_len}, "
+                f"tokens={n}{', finished' if self.tree is None else ''})")
 
 
 class SuffixTreeProposer(Proposer):
@@ -977,7 +989,6 @@ class SuffixTreeProposer(Proposer):
         self.config = config
         self.num_speculative_tokens = max(0, int(num_speculative_tokens))
         self._depth = config.max_tree_depth
-        self._reqs: dict[str, _Request] = {}
         self._reset_global()
         # Responses cached here since the last export_shared (sharing only).
         self._outbox: Optional[deque[np.ndarray]] = None
@@ -985,40 +996,40 @@ class SuffixTreeProposer(Proposer):
             self.load(config.cache_path)
 
     # ---------------------------------------------------------- lifecycle
-    def on_request_start(self, req_id: str, prompt_token_ids: np.ndarray) -> None:
-        if req_id in self._reqs:  # defensive: the integration finishes first
-            self.on_request_finish(req_id, aborted=True)
+    def start_request(self, req_id: str, prompt_token_ids: np.ndarray) -> _Request:
+        """The request's trie over its prompt. Touches nothing of the
+        proposer's (reads only its depth), so it may run on another thread."""
         prompt = _as_i32(prompt_token_ids)
         n = prompt.shape[0]
         tree = SuffixTree(self._depth, node_capacity=4 * n + 256,
                           token_capacity=n + 512)
         tree.add_sequence(0, prompt)
-        self._reqs[req_id] = _Request(tree, n)
+        return _Request(req_id, tree, n)
 
-    def on_tokens(self, req_id: str, new_token_ids: np.ndarray) -> None:
-        r = self._reqs.get(req_id)
-        if r is not None:
-            r.tree.extend(0, new_token_ids)
+    def on_tokens(self, state: Optional[_Request], new_token_ids: np.ndarray) -> None:
+        if state is not None and state.tree is not None:
+            state.tree.extend(0, new_token_ids)
 
-    def propose(self, req_id: str, context: np.ndarray, max_tokens: int) -> list[int]:
-        return self.propose_scored(req_id, context, max_tokens)[0]
+    def propose(self, state: Optional[_Request], context: np.ndarray,
+                max_tokens: int) -> list[int]:
+        return self.propose_scored(state, context, max_tokens)[0]
 
-    def propose_scored(self, req_id: str, context: np.ndarray,
+    def propose_scored(self, state: Optional[_Request], context: np.ndarray,
                        max_tokens: int) -> tuple[list[int], float, int]:
         """``propose`` with the evidence behind the draft: (tokens, score =
         expected accepted tokens, match_len = length of the context suffix
-        the draft continues). ``([], 0.0, 0)`` for an unknown request."""
-        r = self._reqs.get(req_id)
+        the draft continues). ``([], 0.0, 0)`` for no state (None) or a
+        finished request."""
         k = min(int(max_tokens), self.num_speculative_tokens)
-        if r is None or k <= 0:
+        if state is None or state.tree is None or k <= 0:
             return [], 0.0, 0
         cfg = self.config
         ctx = context if (isinstance(context, np.ndarray) and context.dtype == np.int32
                           and context.ndim == 1) else _as_i32(context)
-        t = r.tree
+        t = state.tree
         toks, score, L = _draft(t._n32, t._n64, t._hk, t._hv, t._ar, t._sq, t._op,
                                 ctx, k, cfg.max_spec_factor, cfg.max_spec_offset,
-                                cfg.min_token_prob, r.slot, self._depth)
+                                cfg.min_token_prob, state.slot, self._depth)
         g = self._global
         if cfg.use_global_cache and g._slot_of:
             gtoks, gscore, gL = _draft(g._n32, g._n64, g._hk, g._hv, g._ar, g._sq,
@@ -1029,16 +1040,16 @@ class SuffixTreeProposer(Proposer):
                 return gtoks.tolist(), float(gscore), int(gL)
         return toks.tolist(), float(score), int(L)
 
-    def on_request_finish(self, req_id: str, aborted: bool = False) -> None:
-        # Aborted requests are cached too: their partial output is still
-        # genuine model text.
-        r = self._reqs.pop(req_id, None)
-        if r is None:
+    def finish_request(self, state: Optional[_Request], aborted: bool = False) -> None:
+        """Cache the request's response in the global trie and drop its own
+        trie. Aborted requests are cached too: their partial output is still
+        genuine model text. A second call (or None) does nothing."""
+        if state is None or state.tree is None:
             return
-        t = r.tree
-        q = r.slot
+        t, state.tree = state.tree, None
+        q = state.slot
         s0, ln = int(t._sq[q, _Q_START]), int(t._sq[q, _Q_LEN])
-        response = t._ar[s0 + r.prompt_len: s0 + ln]
+        response = t._ar[s0 + state.prompt_len: s0 + ln]
         self._cache_response(response)
         if self._outbox is not None and self.config.use_global_cache and len(response):
             self._outbox.append(response.copy())
@@ -1060,9 +1071,6 @@ class SuffixTreeProposer(Proposer):
         """Add other replicas' responses to the global cache (not re-exported)."""
         for resp in payload.get("suffix_responses", ()):
             self._cache_response(_as_i32(resp))
-
-    def num_active_requests(self) -> int:
-        return len(self._reqs)
 
     def warmup(self) -> None:
         warmup()  # the module-level kernel warm-up
@@ -1100,6 +1108,9 @@ class SuffixTreeProposer(Proposer):
         """The cached responses, oldest first."""
         return [self._global.sequence_tokens(s) for s in self._order]
 
+    def state_files(self) -> dict[str, str]:
+        return {"cache_path": self.config.cache_path} if self.config.cache_path else {}
+
     def save_state(self) -> bool:
         if not self.config.cache_path:
             return False
@@ -1111,7 +1122,7 @@ class SuffixTreeProposer(Proposer):
         resp = self.cached_responses()
         lengths = np.array([len(r) for r in resp], np.int64)
         tokens = np.concatenate(resp).astype(np.int32) if resp else np.zeros(0, np.int32)
-        save_npz_atomic(path, ".suffix_cache.", version=np.int64(CACHE_FORMAT_VERSION),
+        save_npz_atomic(path, version=np.int64(CACHE_FORMAT_VERSION),
                         max_tree_depth=np.int64(self._depth), lengths=lengths, tokens=tokens)
 
     def load(self, path: str) -> bool:

@@ -15,9 +15,9 @@ accepted tokens; the tree itself (:class:`DraftTree`) stays a first-class
 object so tree verification can use it later.
 
 The matrix is shared by all requests (it warms up with traffic, and can be
-saved and reloaded), so per-request state is only the set of live request
-ids. No prompt-derived cold start: a guess from the prompt is not the
-target's top-k, and putting it in the matrix would make the stored
+saved and reloaded), so there is no per-request state (``start_request``
+returns None). No prompt-derived cold start: a guess from the prompt is not
+the target's top-k, and putting it in the matrix would make the stored
 probabilities (which drive chain selection and the draft length) meaningless.
 Copying from the context is the suffix tree's job; ``suffix_recycling``
 combines the two with an explicit switch.
@@ -36,8 +36,9 @@ where real acceptance falls; with no evidence yet the stored probability is
 used as is. The cut also rises with the number of rows in the step: on a
 compute-bound verifier (CPU, large batches) a rejected token costs more.
 
-Hot paths are numba ``@njit(cache=True)`` kernels; :meth:`propose_batch`
-drafts all rows of a step in one kernel call.
+Hot paths are numba ``@njit(cache=True, nogil=True)`` kernels (the GIL is
+released while they run, so other Python threads go on);
+:meth:`propose_batch` drafts all rows of a step in one kernel call.
 """
 
 from __future__ import annotations
@@ -45,14 +46,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from numba import njit
 
 from vllm_spec_plugins.config import TokenRecyclingConfig
 
-from .base import Proposer, save_npz_atomic
+from .base import Proposer, RequestState, save_npz_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ _INITIAL_ROWS = 1024
 
 
 # ------------------------------------------------------------------ kernels
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _cal_bin(p, nbins):
     b = int(p * nbins)
     if b < 0:
@@ -84,7 +85,7 @@ def _cal_bin(p, nbins):
     return b if b < nbins else nbins - 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _update(ids, probs, row_hits, row_trials, cal_hits, cal_trials, inputs,
             cand_ids, cand_probs, vocab, decay):
     """Overwrite the row of every input token with its candidates.
@@ -165,7 +166,7 @@ def _update(ids, probs, row_hits, row_trials, cal_hits, cal_trials, inputs,
                 probs[t, r] = 0.0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _edge_prob(probs, row_hits, row_trials, cal_rate, row_prior, t, r):
     """Estimated acceptance of candidate r of token t: the stored probability
     through the calibration curve (``cal_rate`` empty = raw) and, for the
@@ -182,7 +183,7 @@ def _edge_prob(probs, row_hits, row_trials, cal_rate, row_prior, t, r):
     return q
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _bfs(ids, probs, row_hits, row_trials, cal_rate, row_prior, root, max_depth,
          breadth, max_nodes, min_prob, tok, par, dep, pp):
     """Breadth-first draft tree from ``root``; returns the node count.
@@ -236,7 +237,7 @@ def _bfs(ids, probs, row_hits, row_trials, cal_rate, row_prior, root, max_depth,
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _best_node(par, pp, n, min_prob, gain):
     """Node ending the root path with the largest sum of (path probability -
     min_prob): expected accepted tokens of that chain minus what verifying
@@ -260,7 +261,7 @@ def _best_node(par, pp, n, min_prob, gain):
     return best
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _propose_rows(ids, probs, row_hits, row_trials, cal_rate, row_prior, roots, caps,
                   breadth, max_nodes, min_prob, out, lens, tok, par, dep, pp, gain):
     """Build the tree and write the best chain for each row (one call per step)."""
@@ -435,7 +436,7 @@ class AdjacencyMatrix:
         atomically (temp + replace)."""
         filled = np.flatnonzero(self.ids[:, 0] >= 0)
         n = int(filled[-1]) + 1 if filled.size else 0
-        save_npz_atomic(path, ".recycling_matrix.", version=np.int64(MATRIX_FORMAT_VERSION),
+        save_npz_atomic(path, version=np.int64(MATRIX_FORMAT_VERSION),
                         k=np.int64(self.k), ids=self.ids[:n], probs=self.probs[:n],
                         row_hits=self.row_hits[:n], row_trials=self.row_trials[:n],
                         cal_hits=self.cal_hits, cal_trials=self.cal_trials)
@@ -650,20 +651,21 @@ class TokenRecyclingProposer(Proposer):
         self._dep = np.empty(self._max_nodes, np.int32)
         self._pp = np.empty(self._max_nodes, np.float64)
         self._gain = np.empty(self._max_nodes, np.float64)
-        self._active: set[str] = set()
         # Rows written since the last export_shared (sharing only; <= vocab).
         self._dirty: Optional[set[int]] = None
         if config.matrix_path and os.path.exists(config.matrix_path):
             self.load(config.matrix_path)
 
     # ---------------------------------------------------------- lifecycle
-    def on_request_start(self, req_id: str, prompt_token_ids: np.ndarray) -> None:
-        self._active.add(req_id)
+    def start_request(self, req_id: str, prompt_token_ids: np.ndarray) -> None:
+        """No per-request state: the matrix is shared (see the module doc).
+        The other hooks ignore the state they are given."""
+        return None
 
-    def on_tokens(self, req_id: str, new_token_ids: np.ndarray) -> None:
+    def on_tokens(self, state: RequestState, new_token_ids: np.ndarray) -> None:
         pass  # everything it learns comes through on_target_topk
 
-    def on_target_topk(self, req_id: str, input_token_ids: np.ndarray,
+    def on_target_topk(self, state: RequestState, input_token_ids: np.ndarray,
                        topk_ids: np.ndarray, topk_probs: np.ndarray) -> None:
         self.matrix.update(input_token_ids, topk_ids, topk_probs)
         if self._dirty is not None:
@@ -697,12 +699,6 @@ class TokenRecyclingProposer(Proposer):
         if rows and int(rows.get("k", -1)) == self.matrix.k:
             self.matrix.import_rows(rows["tokens"], rows["ids"], rows["probs"],
                                     rows["row_hits"], rows["row_trials"])
-
-    def on_request_finish(self, req_id: str, aborted: bool = False) -> None:
-        self._active.discard(req_id)
-
-    def num_active_requests(self) -> int:
-        return len(self._active)
 
     @property
     def stats(self) -> dict[str, object]:
@@ -740,11 +736,11 @@ class TokenRecyclingProposer(Proposer):
                                self._max_nodes, self.draft_threshold(step_rows),
                                self._calibrate)
 
-    def propose(self, req_id: str, context: np.ndarray, max_tokens: int) -> list[int]:
-        return self.propose_batch([(req_id, context, max_tokens)])[0]
+    def propose(self, state: RequestState, context: np.ndarray, max_tokens: int) -> list[int]:
+        return self.propose_batch([(state, context, max_tokens)])[0]
 
-    def propose_batch(self, batch: Sequence[tuple[str, np.ndarray, int]],
-                      step_rows: int | None = None) -> list[list[int]]:
+    def propose_batch(self, batch: Sequence[tuple[RequestState, np.ndarray, int]],
+                      step_rows: Optional[int] = None) -> list[list[int]]:
         """Drafts for every row. ``step_rows``: rows the engine verifies this
         step (default ``len(batch)``; the hybrid passes the full step when it
         hands over only some rows), which sets :meth:`draft_threshold`."""
@@ -752,7 +748,7 @@ class TokenRecyclingProposer(Proposer):
         roots = np.empty(nb, np.int64)
         caps = np.empty(nb, np.int64)
         cap_all = self.num_speculative_tokens
-        for i, (_rid, ctx, k) in enumerate(batch):
+        for i, (_state, ctx, k) in enumerate(batch):
             roots[i] = ctx[-1] if len(ctx) else -1
             caps[i] = k if k < cap_all else cap_all
         width = int(caps.max()) if nb else 0
@@ -769,6 +765,9 @@ class TokenRecyclingProposer(Proposer):
         return [out[i, :lens[i]].tolist() for i in range(nb)]
 
     # --------------------------------------------------------- persistence
+    def state_files(self) -> dict[str, str]:
+        return {"matrix_path": self.config.matrix_path} if self.config.matrix_path else {}
+
     def save_state(self) -> bool:
         if not self.config.matrix_path:
             return False
@@ -804,6 +803,7 @@ def warmup() -> None:
     p = TokenRecyclingProposer(TokenRecyclingConfig(topk=2, tree_breadth=[2, 1],
                                                     max_tree_nodes=8), 4)
     p.matrix = m
-    p.propose_batch([("w", np.array([1], np.int32), 4)])
+    p.propose_batch([(p.start_request("w", np.array([1], np.int32)),
+                      np.array([1], np.int32), 4)])
     best_chain(DraftTree.build(m, 1, 4, [2, 1], 8, 0.0))
     best_chain(DraftTree.build(m, 1, 4, [2, 1], 8, 0.0, calibrate=False))

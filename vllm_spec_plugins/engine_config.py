@@ -1,0 +1,101 @@
+"""The engine options that select this plugin: one definition of each.
+
+Plain Python (no vLLM): the integration layer, the bench, the deploy recipes
+and the Ray Data script all build and read engine options through here.
+
+* ``speculative_config``: vLLM's custom-class proposer, naming our drafter
+  (:data:`DRAFTER_CLASS_PATH`); ``num_speculative_tokens`` is the per-step cap.
+* ``additional_config[CONFIG_KEY]``: the method and its settings (vLLM has no
+  other free-form field that reaches the workers);
+  ``additional_config[SHARING_KEY]``: optional cross-replica sharing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+#: additional_config key of the plugin's settings ({"method": ..., ...}).
+CONFIG_KEY = "spec_plugins"
+#: additional_config key of cross-replica sharing (sharing.py).
+SHARING_KEY = "spec_plugins_sharing"
+#: The class vLLM's custom-class path instantiates in every worker.
+DRAFTER_CLASS_PATH = "vllm_spec_plugins.integration.PluginDrafter"
+#: Longest draft vLLM 0.32 can verify (MAX_SPEC_LEN in v1/sample/rejection_sampler.py):
+#: a longer one trips an assertion in the rejection sampler and kills the engine.
+VLLM_MAX_SPEC_LEN = 128
+
+
+class PluginConfigError(ValueError):
+    """Bad plugin settings. The message names the field and how to fix it."""
+
+
+def speculative_config(num_speculative_tokens: int = 16) -> dict[str, Any]:
+    """The ``speculative_config`` that selects this plugin."""
+    return {"method": "custom_class", "model": DRAFTER_CLASS_PATH,
+            "num_speculative_tokens": int(num_speculative_tokens)}
+
+
+def selects_plugin(speculative: Any) -> bool:
+    """Does this speculative config (a dict or vLLM's SpeculativeConfig) name our drafter?"""
+    model = speculative.get("model") if isinstance(speculative, dict) else getattr(
+        speculative, "model", None)
+    return model == DRAFTER_CLASS_PATH
+
+
+def check_num_speculative_tokens(k: Any) -> int:
+    """``num_speculative_tokens`` within what vLLM can verify, else a clear error."""
+    try:
+        k = int(k)
+    except (TypeError, ValueError):
+        raise PluginConfigError(f"speculative_config.num_speculative_tokens must be an "
+                                f"integer, got {k!r}") from None
+    if k < 1:
+        raise PluginConfigError("speculative_config.num_speculative_tokens must be >= 1 "
+                                f"(got {k})")
+    if k > VLLM_MAX_SPEC_LEN:
+        raise PluginConfigError(
+            f"speculative_config.num_speculative_tokens={k} is above {VLLM_MAX_SPEC_LEN}, the "
+            f"longest draft vLLM can verify (MAX_SPEC_LEN): set it to at most "
+            f"{VLLM_MAX_SPEC_LEN}. It is an upper bound; the proposers draft less when "
+            "acceptance is unlikely.")
+    return k
+
+
+def sharing_config(additional_config: Optional[dict]) -> Any:
+    """The validated ``additional_config.spec_plugins_sharing`` (None if absent)."""
+    raw = (additional_config or {}).get(SHARING_KEY)
+    if raw is None:
+        return None
+    from pydantic import ValidationError
+
+    from vllm_spec_plugins.config import SharingConfig
+
+    if not isinstance(raw, dict):
+        raise PluginConfigError(f"additional_config.{SHARING_KEY} must be a JSON object "
+                                '(e.g. {"hub": "my-hub"}; {} = defaults)')
+    try:
+        return SharingConfig(**raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err.get("loc", ())) or "?"
+        raise PluginConfigError(f"additional_config.{SHARING_KEY}.{field}: "
+                                f"{err.get('msg')}") from None
+
+
+def engine_kwargs(method: str, num_speculative_tokens: int = 8,
+                  settings: Optional[dict[str, Any]] = None,
+                  sharing: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The vLLM engine arguments that turn on ``method`` (validated: a bad
+    setting raises PluginConfigError naming it), for ``LLM(**kwargs)``, Ray
+    Serve's ``engine_kwargs`` or Ray Data's processor config."""
+    from vllm_spec_plugins.registry import resolve
+
+    check_num_speculative_tokens(num_speculative_tokens)
+    plugin = {"method": method, **(settings or {})}
+    resolve(plugin)
+    extra: dict[str, Any] = {CONFIG_KEY: plugin}
+    if sharing is not None:
+        sharing_config({SHARING_KEY: sharing})
+        extra[SHARING_KEY] = dict(sharing)
+    return {"speculative_config": speculative_config(num_speculative_tokens),
+            "additional_config": extra}

@@ -1,0 +1,108 @@
+"""A proposer's state files: checked at startup, saved off the engine step.
+
+* ``check_state_paths``: every ``*_path`` setting (e.g. ``cache_path``,
+  ``token_recycling.matrix_path``) must name a file that can be written: a
+  directory, a missing directory or a read-only one fails at startup naming
+  the setting, not at the first save.
+* :class:`StateSaver`: saves every ``every`` finished requests on the
+  background thread (holding the proposer lock: the step skips drafting while
+  a save reads the state, it never waits for the disk) and once at exit.
+  Only the rank that owns the replica's state saves (replica_sharing.py).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import traceback
+from typing import Any, Iterator
+
+from pydantic import BaseModel
+
+from vllm_spec_plugins.engine_config import CONFIG_KEY, PluginConfigError
+
+from .background import BackgroundWork
+
+logger = logging.getLogger("vllm_spec_plugins")
+
+#: At exit, wait this long for a step or a background job to release the proposer.
+EXIT_LOCK_TIMEOUT_S = 30.0
+
+
+def state_paths(config: BaseModel, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted setting name, path) of every ``*_path`` setting that is set."""
+    for name, value in config:
+        if isinstance(value, BaseModel):
+            yield from state_paths(value, f"{prefix}{name}.")
+        elif name.endswith("_path") and isinstance(value, str) and value:
+            yield f"{prefix}{name}", value
+
+
+def check_state_paths(config: BaseModel) -> None:
+    """Raise PluginConfigError naming the setting if a state file cannot be written."""
+    for field, path in state_paths(config):
+        where = f"additional_config.{CONFIG_KEY}.{field}"
+        full = os.path.abspath(os.path.expanduser(path))
+        parent = os.path.dirname(full)
+        if os.path.isdir(full):
+            raise PluginConfigError(f"{where}: {path!r} is a directory; name a file in it "
+                                    f"(e.g. {os.path.join(path, 'state.npz')!r})")
+        if not os.path.isdir(parent):
+            raise PluginConfigError(f"{where}: directory {parent!r} does not exist; create it "
+                                    "or choose another path")
+        if not os.access(parent, os.W_OK | os.X_OK) or (
+                os.path.exists(full) and not os.access(full, os.W_OK)):
+            raise PluginConfigError(f"{where}: {path!r} cannot be written by this process; "
+                                    "choose a writable path")
+
+
+class StateSaver:
+    def __init__(self, proposer: Any, background: BackgroundWork, every: int = 256,
+                 enabled: bool = True, after_save=None) -> None:
+        self.proposer = proposer
+        self.background = background
+        self.every = max(1, int(every))
+        self.enabled = enabled
+        self._after = after_save  # runs under the lock after a save (deferred finishes)
+        self._finished = 0
+        self._saving = None
+        self.saves = 0
+        if enabled:
+            atexit.register(self.save_at_exit)
+
+    def on_finished(self, n: int = 1) -> None:
+        """Count finished requests; every ``every`` of them, save in the background."""
+        if not self.enabled or n <= 0:
+            return
+        before = self._finished
+        self._finished += n
+        if self._finished // self.every > before // self.every:
+            if self._saving is None or self._saving.done():
+                self._saving = self.background.submit_locked(
+                    "saving the proposer state", self._save, after=self._after)
+
+    def _save(self) -> None:
+        if self.proposer.save_state():
+            self.saves += 1
+
+    def save_now(self, timeout_s: float = EXIT_LOCK_TIMEOUT_S) -> bool:
+        """Save from this thread, waiting for the proposer lock (at exit, or on
+        request; never from the step loop). Returns whether it saved."""
+        lock = self.background.proposer_lock
+        if not lock.acquire(timeout=timeout_s):
+            logger.warning("vllm-spec-plugins: proposer busy for %.0f s; state not saved",
+                           timeout_s)
+            return False
+        try:
+            self._save()
+            return True
+        except Exception:  # noqa: BLE001
+            logger.warning("vllm-spec-plugins: could not save the proposer state:\n%s",
+                           traceback.format_exc())
+            return False
+        finally:
+            lock.release()
+
+    def save_at_exit(self) -> None:
+        self.save_now()
