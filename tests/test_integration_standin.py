@@ -1,4 +1,4 @@
-"""The integration layer driven by a stand-in runner (tests/standin_runner.py):
+"""The integration layer driven by a stand-in runner (vllm_spec_plugins/bench/standin_runner.py):
 lifecycle, long prompts prepared off the step, the proposer lock, failures,
 budgets, step timing, background saves, the rank rule, startup errors and the
 version policy. No engine: the real engine runs in tests/test_engine_*.py."""
@@ -12,12 +12,13 @@ import time
 import numpy as np
 import pytest
 
-from standin_runner import RecordingProposer, StandInRequest, StandInRunner, vllm_config
+from recording_proposer import RecordingProposer  # noqa: F401 (built by name)
+from vllm_spec_plugins.bench.standin_runner import StandInRequest, StandInRunner, vllm_config
 from vllm_spec_plugins.integration import versions
 from vllm_spec_plugins.integration.drafter import PluginDrafter
 from vllm_spec_plugins.integration.replica_sharing import owns_replica_state
 
-PROPOSER = "standin_runner:RecordingProposer"
+PROPOSER = "recording_proposer:RecordingProposer"
 
 
 def make(settings=None, k=8, ranks=(0, 0, 1), **kw):

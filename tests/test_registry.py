@@ -37,7 +37,7 @@ def test_every_method_builds_with_defaults():
         draft = proposer.propose(state, np.array([1, 2, 3, 1, 2, 3], np.int32), 4)
         assert isinstance(draft, list) and len(draft) <= 4
         proposer.finish_request(state)
-        assert proposer.state_files() == {}  # no state file unless a setting names one
+        assert proposer.save_state() is False  # no state file unless a setting names one
 
 
 def test_configs_dir_matches_registry():

@@ -142,15 +142,13 @@ def test_finish_reaches_recycling_even_if_suffix_fails():
     assert calls == [(None, True)]
 
 
-def test_state_files_and_same_file_refused():
-    assert hybrid().state_files() == {}
-    p = hybrid(suffix_tree={"cache_path": "/d/s.npz"})
-    assert p.state_files() == {"suffix_tree.cache_path": "/d/s.npz"}
+def test_state_paths_and_same_file_refused():
+    from vllm_spec_plugins.integration.state_files import state_paths
+
+    assert list(state_paths(hybrid().config)) == []
     p = hybrid(suffix_tree={"cache_path": "/d/s.npz"}, token_recycling={"matrix_path": "/d/m.npz"})
-    assert p.state_files() == {"suffix_tree.cache_path": "/d/s.npz",
-                               "token_recycling.matrix_path": "/d/m.npz"}
-    assert hybrid(token_recycling={"matrix_path": "m.npz"}).state_files() == {
-        "token_recycling.matrix_path": "m.npz"}
+    assert list(state_paths(p.config)) == [("suffix_tree.cache_path", "/d/s.npz"),
+                                           ("token_recycling.matrix_path", "/d/m.npz")]
     # One file for both: the matrix would overwrite the suffix cache on every save.
     home = os.path.expanduser("~")
     for cache, matrix in [("/d/x.npz", "/d/x.npz"),

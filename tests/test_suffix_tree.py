@@ -581,22 +581,6 @@ def test_start_request_on_another_thread_while_drafting():
     assert [r.tolist() for r in p.cached_responses()] == [ctx[3:]]
 
 
-def test_kernels_release_the_gil():
-    from numba.core.caching import NullCache
-    from numba.core.registry import CPUDispatcher
-
-    import vllm_spec_plugins.proposers.suffix_tree as mod
-    kernels = [v for v in vars(mod).values() if isinstance(v, CPUDispatcher)]
-    assert len(kernels) >= 20
-    for k in kernels:
-        assert k.targetoptions.get("nogil") is True, k.py_func.__name__
-        assert not isinstance(k._cache, NullCache), k.py_func.__name__  # cache=True kept
-
-
-def test_state_files():
-    assert make().state_files() == {}
-    assert make(cache_path="/tmp/x/cache.npz").state_files() == {"cache_path": "/tmp/x/cache.npz"}
-
 
 def test_propose_batch_and_context_dtypes():
     p = make(k=4, use_global_cache=False)

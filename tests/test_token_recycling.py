@@ -287,42 +287,6 @@ def test_lifecycle_and_topk_hook():
 
 
 
-def test_state_files():
-    assert proposer().state_files() == {}
-    assert proposer(matrix_path="/tmp/x/m.npz").state_files() == {"matrix_path": "/tmp/x/m.npz"}
-
-
-def test_kernels_release_the_gil():
-    from numba.core.caching import NullCache
-    from numba.core.registry import CPUDispatcher
-
-    import vllm_spec_plugins.proposers.token_recycling as mod
-    kernels = [v for v in vars(mod).values() if isinstance(v, CPUDispatcher)]
-    assert len(kernels) >= 6
-    for k in kernels:
-        assert k.targetoptions.get("nogil") is True, k.py_func.__name__
-        assert not isinstance(k._cache, NullCache), k.py_func.__name__  # cache=True kept
-
-
-# ----------------------------------------------------- brute-force reference
-def ref_tree(rows, root, max_depth, breadth, max_nodes, pmin):
-    """Plain BFS over {token: [(cand, prob), ...] best first}."""
-    nodes = [(root, -1, 0, 1.0)]
-    head = 0
-    while head < len(nodes):
-        tok, _, d, pp = nodes[head]
-        u, head = head, head + 1
-        if d >= max_depth:
-            break
-        for c, p in rows.get(tok, [])[: breadth[min(d, len(breadth) - 1)]]:
-            if pp * p <= 0 or pp * p < pmin:
-                break
-            if len(nodes) >= max_nodes:
-                return nodes
-            nodes.append((c, u, d + 1, pp * p))
-    return nodes
-
-
 def ref_best(nodes, pmin):
     best, best_gain, gain = [], 0.0, {0: (0.0, [])}
     for i, (tok, par, _d, pp) in enumerate(nodes[1:], 1):

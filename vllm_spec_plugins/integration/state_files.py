@@ -106,3 +106,7 @@ class StateSaver:
 
     def save_at_exit(self) -> None:
         self.save_now()
+
+    def close(self) -> None:
+        """No exit-time save any more (the drafter is discarded)."""
+        atexit.unregister(self.save_at_exit)

@@ -150,12 +150,6 @@ class Proposer(abc.ABC):
     def load(self, path: str) -> None:  # pragma: no cover - default no-op
         raise NotImplementedError(f"{type(self).__name__} has no state to load")
 
-    def state_files(self) -> dict[str, str]:
-        """The state files its settings name, by setting (e.g.
-        ``{"suffix_tree.cache_path": "/data/cache.npz"}``): the integration
-        layer checks at startup that each can be written."""
-        return {}
-
     def save_state(self) -> bool:
         """Save cross-request state to the path(s) its settings name, if any
         (the integration layer calls this periodically and at exit). Returns

@@ -157,11 +157,6 @@ class SuffixRecyclingProposer(Proposer):
         return out
 
     # --------------------------------------------------------- persistence
-    def state_files(self) -> dict[str, str]:
-        """Each half's, keyed by the hybrid's dotted setting name."""
-        return {**{f"suffix_tree.{k}": v for k, v in self.suffix.state_files().items()},
-                **{f"token_recycling.{k}": v for k, v in self.recycling.state_files().items()}}
-
     def save_state(self) -> bool:
         """Each half to the path its own settings name (suffix_tree.cache_path,
         token_recycling.matrix_path), where it also loads from at start."""

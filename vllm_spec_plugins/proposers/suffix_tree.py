@@ -1108,9 +1108,6 @@ class SuffixTreeProposer(Proposer):
         """The cached responses, oldest first."""
         return [self._global.sequence_tokens(s) for s in self._order]
 
-    def state_files(self) -> dict[str, str]:
-        return {"cache_path": self.config.cache_path} if self.config.cache_path else {}
-
     def save_state(self) -> bool:
         if not self.config.cache_path:
             return False

@@ -765,9 +765,6 @@ class TokenRecyclingProposer(Proposer):
         return [out[i, :lens[i]].tolist() for i in range(nb)]
 
     # --------------------------------------------------------- persistence
-    def state_files(self) -> dict[str, str]:
-        return {"matrix_path": self.config.matrix_path} if self.config.matrix_path else {}
-
     def save_state(self) -> bool:
         if not self.config.matrix_path:
             return False

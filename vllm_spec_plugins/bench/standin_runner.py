@@ -1,12 +1,11 @@
-"""A stand-in for vLLM's model runner, to unit-test the integration layer
-without an engine: it calls the drafter's hooks in the order the patched
+"""A stand-in for vLLM's model runner, to test and time the integration layer
+without an engine (tests/test_integration_standin.py, bench/step_stall.py): it calls the drafter's hooks in the order the patched
 runner does (step start with finished ids, the draft call, ``propose``) and
 verifies drafts against a known continuation, as greedy verification would.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -15,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from vllm_spec_plugins.engine_config import DRAFTER_CLASS_PATH, speculative_config
-from vllm_spec_plugins.proposers.base import Proposer
 
 
 def vllm_config(settings: dict, k: int = 8, max_model_len: int = 4096, **extra: Any):
@@ -47,6 +45,7 @@ class StandInRunner:
         self.finished: list[str] = []
         self.accepted = 0
         self.step_seconds: list[float] = []
+        self.drafter_seconds: list[float] = []  # time inside the drafter's hooks, per step
 
     def add(self, req: StandInRequest) -> None:
         self.rows.append(req)
@@ -63,7 +62,9 @@ class StandInRunner:
             num_scheduled_tokens={r.req_id: 1 + len(self.drafts.get(r.req_id, ())) for r in self.rows},
             scheduled_spec_decode_tokens={r.req_id: self.drafts.get(r.req_id, []) for r in self.rows})
         self.finished = []
+        t_hooks = time.perf_counter()
         self.drafter.on_step_start(self, sched)
+        in_drafter = time.perf_counter() - t_hooks
         sampled: list[list[int]] = []
         self.input_batch.req_ids = [r.req_id for r in self.rows]
         for i, r in enumerate(self.rows):
@@ -84,8 +85,10 @@ class StandInRunner:
             self.input_batch.num_prompt_tokens[i] = len(r.prompt)
             sampled.append(new)
         num_tokens = np.array([len(r.prompt) + len(r.output) for r in self.rows], np.int32)
+        t_hooks = time.perf_counter()
         self.drafter.on_draft_call(self, sched)
         out = self.drafter.propose(sampled, num_tokens, self.token_ids_cpu)
+        self.drafter_seconds.append(in_drafter + time.perf_counter() - t_hooks)
         self.drafts = {r.req_id: d for r, d in zip(self.rows, out)}
         done = [r for r in self.rows if len(r.output) >= len(r.target)]
         for r in done:
@@ -100,73 +103,3 @@ class StandInRunner:
                 break
             self.step()
         self.step()  # the step that tells the drafter about the last finished ids
-
-
-class RecordingProposer(Proposer):
-    """Drafts by copying the longest earlier occurrence of the last 2 tokens,
-    and records every hook call (per request: tokens seen, finishes)."""
-
-    class Config(__import__("pydantic").BaseModel):
-        model_config = {"extra": "forbid"}
-        fail_on: str = ""            # "start", "propose", "batch", "tokens"
-        block_start_over: int = 0    # prompts longer than this wait for `release`
-        state_path: str = ""
-
-    instances: list["RecordingProposer"] = []
-
-    def __init__(self, config, k: int) -> None:
-        self.config = config
-        self.k = k
-        self.release = threading.Event()
-        self.start_threads: list[str] = []
-        self.save_threads: list[str] = []
-        self.finished: list[tuple[str, list[int], bool]] = []
-        self.imported: list[dict] = []
-        RecordingProposer.instances.append(self)
-
-    def start_request(self, req_id, prompt):
-        self.start_threads.append(threading.current_thread().name)
-        if self.config.fail_on == "start" and "boom" in req_id:
-            raise RuntimeError("injected start failure")
-        if self.config.block_start_over and len(prompt) > self.config.block_start_over:
-            assert self.release.wait(10), "the test never released the slow start"
-        return {"id": req_id, "ctx": [int(t) for t in prompt], "seen": []}
-
-    def on_tokens(self, state, new):
-        if self.config.fail_on == "tokens" and "boom" in state["id"]:
-            raise RuntimeError("injected on_tokens failure")
-        state["ctx"] += [int(t) for t in new]
-        state["seen"] += [int(t) for t in new]
-
-    def propose(self, state, context, max_tokens):
-        if self.config.fail_on == "propose" and "boom" in state["id"]:
-            raise RuntimeError("injected propose failure")
-        ctx = [int(t) for t in context]
-        assert ctx == state["ctx"], "context and the tokens delivered disagree"
-        key = ctx[-2:]
-        for s in range(len(ctx) - 3, -1, -1):
-            if ctx[s:s + 2] == key:
-                return ctx[s + 2:s + 2 + max_tokens]
-        return []
-
-    def propose_batch(self, batch):
-        if self.config.fail_on == "batch":
-            raise RuntimeError("injected batch failure")
-        return super().propose_batch(batch)
-
-    def finish_request(self, state, aborted=False):
-        self.finished.append((state["id"], state["seen"], aborted))
-
-    def save_state(self):
-        if not self.config.state_path:
-            return False
-        self.save_threads.append(threading.current_thread().name)
-        with open(self.config.state_path, "w") as f:
-            f.write(str(len(self.finished)))
-        return True
-
-    def export_shared(self):
-        return None
-
-    def import_shared(self, payload):
-        self.imported.append(payload)
