@@ -96,9 +96,9 @@ def run_mode(mode: str, method: str, steps: int, seed: int, workdir: str) -> dic
             else:
                 drafter.background.submit_locked("merging shared state",
                                                  proposer.import_shared, payload)
-        before = len(runner.finished)
+        before = drafter.requests.stats["finished"]
         runner.step()
-        done = len(runner.finished) - before
+        done = drafter.requests.stats["finished"] - before
         while len([r for r in runner.rows if not r.req_id.startswith("long")]) < SHORT_ROWS:
             runner.add(short())
         if mode == "inline" and done:
