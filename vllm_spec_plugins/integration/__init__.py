@@ -1,7 +1,8 @@
 """Every vLLM touch point of vllm-spec-plugins lives in this module.
 
 * ``register()``: the ``vllm.general_plugins`` entry point (runs in every vLLM
-  process); checks the vLLM version.
+  process); checks the vLLM version and works around a vLLM CPU bug
+  (``vllm_cpu_fixes.py``).
 * ``PluginDrafter``: the class named in ``speculative_config.model``. vLLM's
   custom-class path builds it in the worker as ``PluginDrafter(vllm_config)``;
   it builds the proposer chosen in ``additional_config["spec_plugins"]``.
@@ -9,7 +10,8 @@
   drafter the request lifecycle that the custom interface lacks (request ids,
   finished/aborted requests) and the per-step draft budget.
 
-When vLLM changes, this is the one file to change. Written against 0.32.0.
+When vLLM changes, this package is what to change (this file, and
+vllm_cpu_fixes.py for bugs of vLLM's CPU build). Written against 0.32.0.
 """
 
 from __future__ import annotations
@@ -62,8 +64,13 @@ def check_vllm_version() -> str:
 
 def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group."""
-    check_vllm_version()
+    version = check_vllm_version()
     _install_config_validation()
+    # vLLM 0.32 CPU: the rejection sampler's expand kernel returns garbage,
+    # which breaks sampling with any proposer (vllm_cpu_fixes.py).
+    from vllm_spec_plugins.integration.vllm_cpu_fixes import install
+
+    install(version)
 
 
 _VALIDATION_PATCHED = False
