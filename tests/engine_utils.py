@@ -90,3 +90,30 @@ def prompt_set(tokenizer) -> list[str]:
                for m in msgs]
     prompts.append("the cat sat on the mat. the cat sat on the mat. the cat sat on the")
     return prompts
+
+
+
+def cpu_expand_kernel_broken() -> bool:
+    """True when the CPU kernel that vLLM's workers will use to spread per-request
+    sampling parameters over draft positions is wrong (vLLM 0.32 CPU:
+    ``expand_batch_to_tokens`` returns uninitialised memory for float32, see
+    ``vllm_cpu_fixes.py``), i.e. sampling with speculative decoding cannot be
+    correct. Loads the general plugins first, as a worker does, so the plugin's
+    work-around counts; calls the implementation the worker would register
+    directly (the worker's registration scans every loaded module, which breaks on
+    numba's objects in a test process)."""
+    import torch
+    from vllm.platforms import current_platform
+    from vllm.plugins import load_general_plugins
+
+    if not current_platform.is_cpu():
+        return False
+    load_general_plugins()
+    import vllm._custom_ops  # noqa: F401  (loads the CPU ops into torch.ops._C)
+    from vllm.utils import cpu_triton_utils
+
+    x = torch.tensor([0.7, 1.5, -1.0], dtype=torch.float32)
+    cu = torch.tensor([2, 3, 5], dtype=torch.int32)
+    out = torch.full((5,), 123.0, dtype=torch.float32)
+    cpu_triton_utils._expand_kernel_impl(out, x, cu, -1, 1)
+    return out.tolist() != [x[0].item(), x[0].item(), 1.5, 1.0, 1.0]

@@ -113,8 +113,17 @@ def test_server_command_errors_name_the_key():
 
 def test_free_port_is_bindable():
     port = free_port()
+    assert isinstance(port, int) and 1024 <= port <= 65535  # an unprivileged TCP port
+    # Free: free_port released it, so a server can bind it, listen and be reached there.
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+        s.listen(1)
+        assert s.getsockname() == ("127.0.0.1", port)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            assert c.getpeername() == ("127.0.0.1", port)
+        # ... and while it is held, the port really is that one: a second bind fails.
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", port))
 
 
 # ==========================================================================

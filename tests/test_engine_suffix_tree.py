@@ -7,7 +7,15 @@ import pytest
 pytest.importorskip("vllm")
 from vllm import SamplingParams  # noqa: E402
 
-from engine_utils import MAX_TOKENS, delta, drafter_state, plugin_llm, settled_drafter_state, spec_counters  # noqa: E402
+from engine_utils import (  # noqa: E402
+    MAX_TOKENS,
+    cpu_expand_kernel_broken,
+    delta,
+    drafter_state,
+    plugin_llm,
+    settled_drafter_state,
+    spec_counters,
+)
 
 pytestmark = pytest.mark.engine
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
@@ -95,8 +103,125 @@ def test_abort_mid_generation_frees_state(llm):
     assert state["tracked_requests"] == 0
 
 
-def test_random_sampling_finishes(llm):
-    params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=48, seed=1)
-    outs = llm.generate(["the cat sat on the mat. the cat sat on the mat. the cat"] * 3,
-                        params, use_tqdm=False)
-    assert all(len(o.outputs[0].token_ids) > 0 for o in outs)
+# -- random sampling -----------------------------------------------------------
+# vLLM 0.32's CPU build spreads temperature/top-p over draft positions wrongly
+# (uninitialised memory), so sampling with any proposer is wrong there unless the
+# plugin's work-around (integration/vllm_cpu_fixes.py) is active. The probe runs
+# the kernel the workers will register, in this process, after loading the plugins.
+_SAMPLER_BROKEN = pytest.mark.xfail(
+    cpu_expand_kernel_broken(), run=False, strict=True,
+    reason="vLLM 0.32 CPU expand_kernel returns garbage temperatures for draft "
+           "positions (see vllm_spec_plugins/integration/vllm_cpu_fixes.py)")
+REPEAT_PROMPT = "the cat sat on the mat. the cat sat on the mat. the cat"
+
+
+def _set_global_cache(worker, on: bool) -> bool:
+    """For collective_rpc: switch the suffix tree's global cache; returns the old value."""
+    proposer = worker.model_runner.drafter.proposer
+    old = proposer.config.use_global_cache
+    proposer.config.use_global_cache = on
+    return old
+
+
+def test_random_sampling_lengths_and_drafts_accepted(llm):
+    # A handful of requests only: vLLM 0.32 CPU crashes on seeded requests whose
+    # prefill is chunked ("CPU Generator does not use offset"), so keep it small.
+    prompts = [REPEAT_PROMPT] * 3 + ["List the days of the week:", "Count: one, two, three,"]
+    params = [SamplingParams(temperature=0.8, top_p=0.95, max_tokens=48, ignore_eos=True,
+                             seed=10 + i) for i in range(len(prompts))]
+    before = spec_counters(llm)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    after = spec_counters(llm)
+    # Exactly the requested length, as without speculation: accepted drafts never
+    # overshoot max_tokens, and the run is not cut short.
+    for o in outs:
+        assert len(o.outputs[0].token_ids) == 48, (o.prompt, len(o.outputs[0].token_ids))
+        assert o.outputs[0].finish_reason == "length"
+    # Under sampling the proposer still drafts and the random verifier accepts some
+    # drafts (the repeated sentence makes long, likely drafts).
+    assert delta(after, before, "drafts") > 0
+    assert delta(after, before, "accepted_tokens") > 0
+    first_pos = after["accepted_tokens_per_pos"][0] - before.get("accepted_tokens_per_pos", [0])[0]
+    assert first_pos > 0
+
+
+@_SAMPLER_BROKEN
+def test_seeded_sampling_is_reproducible(llm):
+    """The same per-request seeds give the same tokens. The global cache is off
+    for this test: with it, run 1's outputs change run 2's drafts, and a different
+    draft consumes the request's random stream differently (one accept/reject draw
+    per draft token), so only the distribution, not the tokens, would repeat."""
+    prompts = [REPEAT_PROMPT, REPEAT_PROMPT, "Write a haiku about the sea."]
+    params = [SamplingParams(temperature=0.8, top_p=0.95, max_tokens=32, seed=100 + i)
+              for i in range(len(prompts))]
+    (old,) = llm.collective_rpc(_set_global_cache, args=(False,))
+    try:
+        runs = []
+        for _ in range(2):
+            before = spec_counters(llm)
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            after = spec_counters(llm)
+            assert delta(after, before, "drafts") > 0
+            runs.append([list(o.outputs[0].token_ids) for o in outs])
+    finally:
+        llm.collective_rpc(_set_global_cache, args=(old,))
+    assert runs[0] == runs[1]
+
+
+@_SAMPLER_BROKEN
+def test_sampled_tokens_follow_the_model_distribution(llm):
+    """Lossless under sampling: a token verified against a draft is distributed as
+    the model says, as it would be without speculation.
+
+    The prompt lists ``A: <digit>`` three times, so after ``A`` the model writes
+    ``:`` and `` `` (p ~ 0.997, 0.983) and then a digit it is unsure about
+    (p('7') ~ 0.5, the rest spread). The suffix tree drafts ``: 5`` / ``: 7``
+    from the prompt, so the digit is decided by the rejection sampler. We sample
+    N continuations of 3 tokens at temperature 1 (no top-p/top-k: the sampling
+    distribution is exactly softmax(logits)), keep those that start with the
+    usual ``: ``, and compare the digit's empirical distribution with the exact
+    one from the model's own logprobs for that context (what no speculation
+    samples from)."""
+    import math
+
+    from vllm.inputs import TokensPrompt
+
+    tok = llm.get_tokenizer()
+    ids = tok("A: 7 B: 3 C: 9 A: 4 B: 8 C: 1 A: 5 B: 2 C: 6 A")["input_ids"]
+    n = 200
+    before = spec_counters(llm)
+    # Unseeded (one engine seed): seeded requests crash vLLM 0.32 CPU under chunked prefill.
+    outs = llm.generate([TokensPrompt(prompt_token_ids=ids)] * n,
+                        SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True),
+                        use_tqdm=False)
+    after = spec_counters(llm)
+    seqs = [tuple(o.outputs[0].token_ids) for o in outs]
+    assert all(len(s) == 3 for s in seqs)
+    # Drafts were verified in the sampled region (position 0 = the second token).
+    assert after["accepted_tokens_per_pos"][0] - before.get("accepted_tokens_per_pos", [0])[0] > 0
+
+    prefix = max(set(s[:2] for s in seqs), key=lambda p: sum(s[:2] == p for s in seqs))
+    assert tok.decode(list(prefix)) == ": "
+    digits = [s[2] for s in seqs if s[:2] == prefix]
+    assert len(digits) >= 150  # p(": ") ~ 0.98: ~196 expected
+
+    ref = llm.generate([TokensPrompt(prompt_token_ids=ids + list(prefix))],
+                       SamplingParams(temperature=0.0, max_tokens=1, logprobs=20),
+                       use_tqdm=False)[0]
+    exact = {t: math.exp(lp.logprob) for t, lp in ref.outputs[0].logprobs[0].items()}
+    cats = [t for t, p in exact.items() if p >= 0.02]  # the likely digits; rest = "other"
+    assert len(cats) >= 4, {tok.decode([t]): p for t, p in exact.items()}
+    p_true = [exact[t] for t in cats] + [1.0 - sum(exact[t] for t in cats)]
+    counts = [sum(d == t for d in digits) for t in cats]
+    counts.append(len(digits) - sum(counts))
+    m = len(digits)
+    tv = 0.5 * sum(abs(c / m - p) for c, p in zip(counts, p_true))
+    # Bretagnolle-Huber-Carol: P(TV(empirical, true) >= eps) <= 2^K exp(-2 m eps^2)
+    # for K categories and m samples. With delta = 1e-6 (a false failure once in a
+    # million runs): eps = sqrt((K ln 2 + ln(1/delta)) / (2m)), about 0.21 for K = 7,
+    # m = 196. A verifier that accepted drafts too often moves the drafted digit's
+    # mass (p <= 0.5) towards 1: TV >= 0.5 (the broken CPU kernel gave ~0.8).
+    k_cats, delta_ = len(p_true), 1e-6
+    eps = math.sqrt((k_cats * math.log(2) + math.log(1 / delta_)) / (2 * m))
+    report = {tok.decode([t]): (c, round(p * m, 1)) for t, c, p in zip(cats, counts, p_true)}
+    assert tv < eps, f"TV {tv:.3f} >= {eps:.3f}; (sampled, expected) per digit: {report}"

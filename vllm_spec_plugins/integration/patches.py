@@ -48,6 +48,8 @@ class VllmPatch:
     make: Callable[[Callable], Callable]  # original -> replacement
     versions: tuple[str, ...] = SUPPORTED_VLLM_VERSIONS
     why: str = ""
+    #: Apply only where this returns True (e.g. a bug fix for one platform).
+    applies: Callable[[], bool] = lambda: True
 
     @property
     def target(self) -> str:
@@ -73,6 +75,8 @@ def apply_patches(patches: list[VllmPatch]) -> list[str]:
     with _LOCK:
         todo: list[tuple[VllmPatch, Any, Callable]] = []
         for p in patches:
+            if not p.applies():
+                continue
             owner = p.resolve_owner()
             current = getattr(owner, p.attribute)
             mark = getattr(current, PATCH_MARK, None)
@@ -154,6 +158,28 @@ def _target_logits(original: Callable) -> Callable:
     return _sample
 
 
+def _torch_expand_kernel(original: Callable) -> Callable:
+    from .vllm_cpu_fixes import expand_kernel_impl
+
+    def _expand_kernel_impl(*args, **kwargs):
+        return expand_kernel_impl(*args, **kwargs)
+
+    return _expand_kernel_impl
+
+
+def _cpu_build_with_the_bug() -> bool:
+    from . import versions
+
+    try:
+        if not versions.is_supported(versions.installed_vllm_version()):
+            return False  # a bug of 0.32.0's CPU build: never patch another release
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except Exception:  # noqa: BLE001
+        return False
+
+
 _RUNNER = "vllm.v1.worker.gpu_model_runner"  # the CPU runner inherits all three
 
 #: Applied by register() in every vLLM process: fail bad settings in the user's process.
@@ -162,6 +188,12 @@ REGISTRATION_PATCHES = [
               "create_engine_config", _validate_config,
               why="LLM(...) and the OpenAI server build their config here: bad plugin "
                   "settings fail at startup naming the field, not inside a worker"),
+    VllmPatch("cpu-expand-kernel", "vllm.utils.cpu_triton_utils", "", "_expand_kernel_impl",
+              _torch_expand_kernel, applies=_cpu_build_with_the_bug,
+              why="vLLM 0.32's CPU fallback never copies its result back, so sampling "
+                  "with any proposer is verified against garbage temperatures "
+                  "(vllm_cpu_fixes.py); the worker registers this attribute after "
+                  "the plugins ran"),
 ]
 
 #: Applied when a PluginDrafter is built (in the worker); do nothing for other drafters.
