@@ -43,7 +43,11 @@ def register() -> None:
         return
     from .patches import REGISTRATION_PATCHES, apply_patches
 
-    apply_patches(REGISTRATION_PATCHES)
+    try:
+        apply_patches(REGISTRATION_PATCHES)
+    except Exception as e:  # noqa: BLE001 - never break vLLM processes from here
+        logger.warning("vllm-spec-plugins: startup checks not installed (%s); settings are "
+                       "then checked when the drafter is built", e)
 
 
 def validate_engine_config(vllm_config: Any) -> None:
