@@ -285,6 +285,23 @@ def test_lifecycle_and_topk_hook():
     assert p.matrix.rows_filled == 2  # the matrix outlives requests
     assert p.propose(None, np.array([1, 2], np.int32), 4) == [5, 9]
 
+# ----------------------------------------------------- brute-force reference
+def ref_tree(rows, root, max_depth, breadth, max_nodes, pmin):
+    """Plain BFS over {token: [(cand, prob), ...] best first}."""
+    nodes = [(root, -1, 0, 1.0)]
+    head = 0
+    while head < len(nodes):
+        tok, _, d, pp = nodes[head]
+        u, head = head, head + 1
+        if d >= max_depth:
+            break
+        for c, p in rows.get(tok, [])[: breadth[min(d, len(breadth) - 1)]]:
+            if pp * p <= 0 or pp * p < pmin:
+                break
+            if len(nodes) >= max_nodes:
+                return nodes
+            nodes.append((c, u, d + 1, pp * p))
+    return nodes
 
 
 def ref_best(nodes, pmin):
