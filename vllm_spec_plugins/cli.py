@@ -26,7 +26,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vllm_spec_plugins.demo import run_demo
 
-    return run_demo(model=args.model, max_tokens=args.max_tokens, k=args.k)
+    return run_demo(model=args.model, max_tokens=args.max_tokens, k=args.k,
+                    verbose=args.verbose, log_file=args.log_file,
+                    enforce_eager=args.enforce_eager)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -55,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--max-tokens", type=int, default=160)
     d.add_argument("-k", type=int, default=16, help="num_speculative_tokens")
+    d.add_argument("--verbose", action="store_true",
+                   help="show vLLM's logs and progress bars here instead of in the log file")
+    d.add_argument("--log-file", default=None, metavar="PATH",
+                   help="where vLLM's logs go (default ./vllm-spec-plugins-demo.log)")
+    d.add_argument("--enforce-eager", action="store_true",
+                   help="skip torch.compile (starts faster, generates slower)")
     d.set_defaults(func=_cmd_demo)
 
     b = sub.add_parser("bench", help="benchmark methods side by side on the real engine")
