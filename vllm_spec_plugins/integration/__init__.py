@@ -19,6 +19,8 @@ Read in this order:
 * ``state_files``: state files checked at startup, saved in the background.
 * ``replica_sharing``: which rank owns shared state; glue to ``sharing.py``.
 * ``rpc``: functions for ``llm.collective_rpc`` (snapshots, draft timer).
+* ``vllm_cpu_fixes``: a fix for a vLLM 0.32 CPU-build bug that breaks sampling
+  with speculative decoding (applied by ``patches`` on that build only).
 
 Engine options (config keys, the drafter's class path, the
 ``speculative_config`` builder) are defined once in ``engine_config`` (no vLLM).
