@@ -284,7 +284,8 @@ class PlannedRequest:
     text_seed: int                     # seeds the prompt's text
     max_tokens: int
     temperature: float
-    abort_after_chunks: Optional[int]  # close the stream after this many content chunks; None = read to the end
+    #: close the stream after this many content chunks; None = read to the end
+    abort_after_chunks: Optional[int]
 
 
 def build_schedule(n: int, *, abort_fraction: float, long_fraction: float,
@@ -380,7 +381,8 @@ def prompt_messages(req: PlannedRequest) -> list[dict[str, str]]:
         return [{"role": "user", "content": text}]
     if rng.random() < 0.5:
         t0 = rng.randrange(10 ** 6)
-        lines = [_log_line(rng, t0 + 7 * j) for j in range(max(1, req.prompt_tokens // _LOG_TOKENS_PER_LINE))]
+        n = max(1, req.prompt_tokens // _LOG_TOKENS_PER_LINE)
+        lines = [_log_line(rng, t0 + 7 * j) for j in range(n)]
         doc, word, word2 = "\n".join(lines), "ERROR", "FAILURE"
     else:
         n = max(1, req.prompt_tokens // _PROSE_TOKENS_PER_SENTENCE)
