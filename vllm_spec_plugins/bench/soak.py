@@ -657,7 +657,11 @@ async def _drive(cfg: SoakConfig, srv: Any, base_url: str, model: str,
         if bar is not None:
             bar.update(1)
 
-    connector = aiohttp.TCPConnector(limit=cfg.concurrency + 2)
+    # A fresh connection per request: between batches the pool sits idle while
+    # memory is sampled, the server drops idle keep-alive connections, and a
+    # request sent on one that is just closing fails ("Can not write request
+    # body"; seen in the smoke run). A connection costs nothing next to a request.
+    connector = aiohttp.TCPConnector(limit=cfg.concurrency + 2, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
         warm = await stream_request(session, url, {
             "model": model, "messages": WARMUP_MESSAGES, "max_tokens": WARMUP_MAX_TOKENS,
