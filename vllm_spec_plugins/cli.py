@@ -1,4 +1,4 @@
-"""``vllm-spec-plugins`` command line: models, demo, bench, deploy.
+"""``vllm-spec-plugins`` command line: models, demo, bench, soak, deploy.
 
 Errors a user can fix (unknown model, bad settings, missing package) exit
 non-zero with one clear line, never a traceback.
@@ -37,6 +37,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _cmd_soak(args: argparse.Namespace) -> int:
+    from vllm_spec_plugins.bench.soak import run_from_args
+
+    return run_from_args(args)
+
+
 def _cmd_deploy(args: argparse.Namespace) -> int:
     from vllm_spec_plugins.deploy import run_cli
 
@@ -70,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(b)
     b.set_defaults(func=_cmd_bench)
+
+    s = sub.add_parser("soak", help="memory soak: engine RSS over thousands of streamed "
+                                    "requests with aborts, per method")
+    from vllm_spec_plugins.bench.soak import add_arguments as add_soak_arguments
+
+    add_soak_arguments(s)
+    s.set_defaults(func=_cmd_soak)
 
     dep = sub.add_parser("deploy", help="Ray Serve LLM configs and KubeRay manifests")
     from vllm_spec_plugins.deploy import add_arguments as add_deploy_arguments

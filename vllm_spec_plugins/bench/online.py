@@ -87,6 +87,7 @@ _VALUE_FLAGS = {
     "seed": ("--seed", lambda v: str(int(v))),
     "speculative_config": ("--speculative-config", lambda v: json.dumps(v, sort_keys=True)),
     "additional_config": ("--additional-config", lambda v: json.dumps(v, sort_keys=True)),
+    "worker_extension_cls": ("--worker-extension-cls", str),
 }
 # Boolean keywords: flag passed only when the value is true (both default to False).
 _BOOL_FLAGS = {
@@ -101,7 +102,7 @@ def server_command(engine_kwargs: dict, *, host: str, port: int, python: str = s
     """``LLM(**engine_kwargs)`` as an OpenAI api_server command line.
 
     Supported keys: ``model`` (required), ``dtype``, ``kv_cache_memory_bytes``,
-    ``max_model_len``, ``seed``, ``speculative_config`` and ``additional_config``
+    ``max_model_len``, ``seed``, ``worker_extension_cls``, ``speculative_config`` and ``additional_config``
     (dicts, passed as JSON), ``disable_log_stats`` and ``enforce_eager`` (booleans;
     a flag only when true). A value of ``None`` is left out. Any other key raises
     ``ValueError`` naming it. The uvicorn access log (one line per request) is off.
