@@ -280,6 +280,7 @@ class Fakes:
         self.calls: list[tuple] = []
         self.offline_specs: list[dict] = []
         self.online_calls: list[dict] = []
+        self.envs: dict[tuple[str, int, str], dict] = {}  # (mode, repeat, label) -> env
 
     def _measurement(self, label, cell, online):
         ids = [_ids(p) for p in cell["prompts"]]
@@ -303,9 +304,10 @@ class Fakes:
             m["num_prompts"] = n
         return m
 
-    def offline(self, spec, run_dir, timeout, on_progress=None):
+    def offline(self, spec, run_dir, timeout, on_progress=None, env=None):
         label, repeat = spec["method"]["label"], spec["repeat"]
         self.calls.append(("offline", repeat, label))
+        self.envs[("offline", repeat, label)] = env
         self.offline_specs.append(spec)
         assert Path(run_dir).is_dir()
         if (label, repeat) in self.fail:
@@ -322,8 +324,9 @@ class Fakes:
                 "vllm_version": "0.32.0", "torch_version": "2.x", "device": "cpu",
                 "measurements": ms, "worker_seconds": 5.0, "returncode": 0}
 
-    def online(self, cfg, method, repeat, cells, kwargs, run_dir, on_progress=None):
+    def online(self, cfg, method, repeat, cells, kwargs, run_dir, on_progress=None, env=None):
         self.calls.append(("online", repeat, method.label))
+        self.envs[("online", repeat, method.label)] = env
         self.online_calls.append({"method": method, "kwargs": kwargs, "cells": cells})
         ms = []
         for cell in cells:
@@ -518,6 +521,49 @@ def test_run_from_args_mode_both_merges_offline_and_online(fake_env, tmp_path, c
     assert all(r["identical"] == r["compared"] == 4 for r in online_rows if r["method"] != "none")
     assert "TTFT p50 ms" in capsys.readouterr().out
     assert (out / "latency.png").read_bytes()[:8] == PNG_MAGIC  # online latencies drawn
+
+
+def test_run_from_args_cpu_preload_both_runs_each_method_with_and_without(fake_env, tmp_path,
+                                                                          monkeypatch, capsys):
+    from vllm_spec_plugins import cpu_runtime
+
+    libs = cpu_runtime.CpuRuntimeLibs(iomp="/v/lib/libiomp5.so", tcmalloc="/s/libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(cpu_runtime, "find_libraries", lambda: libs)
+    monkeypatch.setenv("LD_PRELOAD", "/a/libfoo.so:/old/libiomp5.so")
+    fakes = fake_env()
+    args, out = bench_args(tmp_path, "--mode", "both", "--batch-sizes", "1", "--concurrency", "2",
+                           "--methods", "none,suffix_tree", "--cpu-preload", "both")
+    assert R.run_from_args(args) == 0
+    assert [c for c in fakes.calls if c[1] == 0] == [
+        ("offline", 0, "none"), ("online", 0, "none"),
+        ("offline", 0, "none+preload"), ("online", 0, "none+preload"),
+        ("offline", 0, "suffix_tree"), ("online", 0, "suffix_tree"),
+        ("offline", 0, "suffix_tree+preload"), ("online", 0, "suffix_tree+preload")]
+    with_libs = "/a/libfoo.so:/s/libtcmalloc_minimal.so.4:/v/lib/libiomp5.so"
+    for (mode, repeat, label), env in fakes.envs.items():
+        # workers and servers alike; the runs without have none of the two
+        assert env["LD_PRELOAD"] == (with_libs if label.endswith("+preload") else "/a/libfoo.so"), \
+            (mode, label)
+        assert env["VLLM_PLUGINS"] == "vllm_spec_plugins"
+    # the preloaded baseline is compared with the plain one like any method
+    data = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in data["summary"]} == {"none", "none+preload", "suffix_tree",
+                                                      "suffix_tree+preload"}
+    report = (out / "results.md").read_text()
+    assert "- cpu preload: both: `+preload` runs have LD_PRELOAD += " \
+           "/s/libtcmalloc_minimal.so.4:/v/lib/libiomp5.so" in report
+
+
+def test_run_from_args_cpu_preload_on_without_libraries_stops_before_any_engine(
+        fake_env, tmp_path, monkeypatch):
+    from vllm_spec_plugins import cpu_runtime
+
+    monkeypatch.setattr(cpu_runtime, "find_libraries", lambda: cpu_runtime.CpuRuntimeLibs())
+    fakes = fake_env()
+    args, _ = bench_args(tmp_path, "--cpu-preload", "on")
+    with pytest.raises(ValueError, match="--cpu-preload on: neither libiomp5.so nor libtcmalloc found"):
+        R.run_from_args(args)
+    assert fakes.calls == []
 
 
 def test_run_from_args_server_url_measures_one_method(fake_env, tmp_path, capsys):
