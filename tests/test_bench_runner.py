@@ -552,6 +552,13 @@ def test_run_from_args_cpu_preload_both_runs_each_method_with_and_without(fake_e
     report = (out / "results.md").read_text()
     assert "- cpu preload: both: `+preload` runs have LD_PRELOAD += " \
            "/s/libtcmalloc_minimal.so.4:/v/lib/libiomp5.so" in report
+    section = report.split("## CPU preload: Intel OpenMP + tcmalloc, with ÷ without")[1]
+    section = section.split("\n## ")[0]
+    # 2 workloads x 2 scenarios per method; the fake "none" takes 2 s, any other label 1 s
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "workload" not in line]
+    assert len(rows) == 8
+    assert all(" none " in r and r.endswith(" 2.00x (2.00–2.00) |") for r in rows[:4])
+    assert all(" suffix_tree " in r and r.endswith(" 1.00x (1.00–1.00) |") for r in rows[4:])
 
 
 def test_run_from_args_cpu_preload_on_without_libraries_stops_before_any_engine(

@@ -281,3 +281,31 @@ def test_deploy_serve_cli_adds_what_is_found(found, tmp_path, monkeypatch, capsy
                  "--ld-preload", "", "-o", str(out)]) == 0
     (llm,) = yaml.safe_load(out.read_text())["applications"][0]["args"]["llm_configs"]
     assert "LD_PRELOAD" not in llm["runtime_env"]["env_vars"]
+
+
+def _run(label, repeat, tps_by_cell, status="ok"):
+    return {"label": label, "repeat": repeat, "status": status,
+            "measurements": [{"workload": w, "scenario": s, "wall_s": 2.0, "output_tokens": 2 * t}
+                             for (w, s), t in tps_by_cell.items()]}
+
+
+def test_preload_pairs_within_a_repeat():
+    from vllm_spec_plugins.bench.report import preload_pairs, preload_table
+
+    cell = ("code", "batch 1")
+    runs = [_run("none", 0, {cell: 10.0}), _run("none+preload", 0, {cell: 12.0}),
+            _run("none", 1, {cell: 20.0}), _run("none+preload", 1, {cell: 21.0}),
+            _run("suffix_tree", 0, {cell: 30.0}), _run("suffix_tree+preload", 0, {cell: 15.0}),
+            _run("suffix_tree", 1, {cell: 30.0}), _run("suffix_tree+preload", 1, {}, "failed"),
+            _run("ngram", 0, {cell: 5.0})]  # no preloaded twin: not in the table
+    pairs = preload_pairs(runs)
+    assert [(p["method"], p["pairs"]) for p in pairs] == [("none", 2), ("suffix_tree", 1)]
+    none = pairs[0]
+    # paired per repeat: 1.2 and 1.05, not the ratio of the medians (16.5 / 15)
+    assert none["ratio"] == pytest.approx(1.125)
+    assert (none["ratio_min"], none["ratio_max"]) == (pytest.approx(1.05), pytest.approx(1.2))
+    assert none["tokens_per_s"] == 15.0 and none["tokens_per_s_preload"] == 16.5
+    assert pairs[1]["ratio"] == 0.5 and pairs[1]["tokens_per_s"] == 30.0
+    table = preload_table(runs)
+    assert "| none " in table and "1.12x (1.05–1.20)" in table and "0.50x" in table
+    assert "ngram" not in table

@@ -46,13 +46,13 @@ from vllm_spec_plugins.bench.methods import (
     parse_methods,
     validate_plugin_settings,
 )
+from vllm_spec_plugins.bench.report import PRELOAD_SUFFIX
 from vllm_spec_plugins.bench.stats import failures, summarize
 from vllm_spec_plugins.json_input import parse_json_object
 
 DEFAULT_METHODS = "all"
 DEFAULT_WORKLOADS = "code,chat,sharegpt,math,repetitive"
 CPU_PRELOAD_CHOICES = ("auto", "on", "off", "both")
-PRELOAD_SUFFIX = "+preload"  # label of a method's run with the CPU preload (--cpu-preload both)
 STDERR_TAIL_LINES = 20
 POLL_SECONDS = 1.0
 
