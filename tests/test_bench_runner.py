@@ -688,3 +688,35 @@ def test_cli_more_prompts_than_the_dataset_has(tmp_path, capsys):
     assert_one_error_line(*res, "workload 'chat'", "has only 80 prompts, 100 requested",
                           "lower --num-prompts (50 × 2 scenario(s)")
     assert "n=None" not in res[2]
+
+
+def test_kill_group_also_stops_processes_that_ignore_sigterm(tmp_path):
+    """A worker that exits on SIGTERM while an engine process of its group ignores
+    it: nothing of the group may be left running."""
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    leader = subprocess.Popen(
+        ["sh", "-c", f'(trap "" TERM; exec sleep 300) & echo $! > {pid_file}; wait'],
+        start_new_session=True)
+    for _ in range(100):
+        if pid_file.exists() and pid_file.read_text().strip():
+            break
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    R._kill_group(leader)
+    assert leader.returncode is not None
+
+    def running(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+        return "\nState:\tZ" not in state  # a zombie has stopped
+
+    for _ in range(100):
+        if not running(child):
+            break
+        time.sleep(0.05)
+    assert not running(child)

@@ -421,11 +421,15 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=15)
     except (ProcessLookupError, subprocess.TimeoutExpired, PermissionError):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
+        pass
+    # The worker may exit while its engine processes linger in the group (an
+    # engine core waiting on a worker that is still compiling ignores SIGTERM and
+    # would go on computing as an orphan, skewing every later measurement).
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
 
 
 def _count_cells_done(err_log: Path) -> int:
