@@ -16,6 +16,26 @@ if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv
 fi
 VPY="$PWD/.venv/bin/python"
+
+# tcmalloc, one of the two libraries vLLM's CPU build asks for in LD_PRELOAD (the
+# other, Intel OpenMP, comes with the cpu extra from PyPI). A Debian package: needs
+# root (or password-less sudo) and apt-get; without them setup goes on without it.
+install_tcmalloc() {
+  if ldconfig -p 2>/dev/null | grep -q 'libtcmalloc_minimal\.so\.4 '; then
+    return 0
+  fi
+  local sudo=""
+  [[ $(id -u) == 0 ]] || sudo="sudo -n"
+  if command -v apt-get >/dev/null && { [[ -z $sudo ]] || sudo -n true 2>/dev/null; } \
+     && $sudo apt-get update -qq >/dev/null 2>&1 \
+     && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+          libtcmalloc-minimal4 >/dev/null 2>&1; then
+    echo "[setup] installed tcmalloc (Debian package libtcmalloc-minimal4)"
+  else
+    echo "[setup] could not install tcmalloc (apt-get install libtcmalloc-minimal4 needs root" \
+         "and apt); going on without it"
+  fi
+}
 export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # The bench extra (dataset packages, matplotlib) and the ray extra (Ray Serve LLM,
@@ -30,6 +50,7 @@ if [[ ! -f "$stamp" ]]; then
   # torch ("operator torchvision::nms does not exist"); text models need none.
   if [[ $EXTRA == cpu ]]; then
     "$VPY" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+    install_tcmalloc
   fi
   rm -f .venv/.vsp-installed-*
   touch "$stamp"
@@ -41,3 +62,6 @@ fi
   || { echo "[setup] vLLM import failed; see the error above"; exit 1; }
 .venv/bin/vllm-spec-plugins models fetch smollm2-135m --quiet >/dev/null
 echo "[setup] ready: .venv (vLLM $("$VPY" -c 'import vllm; print(vllm.__version__)')), model smollm2-135m"
+if [[ $EXTRA == cpu ]]; then
+  echo "[setup] CPU runtime: $("$VPY" -m vllm_spec_plugins.cpu_runtime)"
+fi

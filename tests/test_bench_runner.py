@@ -280,6 +280,7 @@ class Fakes:
         self.calls: list[tuple] = []
         self.offline_specs: list[dict] = []
         self.online_calls: list[dict] = []
+        self.envs: dict[tuple[str, int, str], dict] = {}  # (mode, repeat, label) -> env
 
     def _measurement(self, label, cell, online):
         ids = [_ids(p) for p in cell["prompts"]]
@@ -303,9 +304,10 @@ class Fakes:
             m["num_prompts"] = n
         return m
 
-    def offline(self, spec, run_dir, timeout, on_progress=None):
+    def offline(self, spec, run_dir, timeout, on_progress=None, env=None):
         label, repeat = spec["method"]["label"], spec["repeat"]
         self.calls.append(("offline", repeat, label))
+        self.envs[("offline", repeat, label)] = env
         self.offline_specs.append(spec)
         assert Path(run_dir).is_dir()
         if (label, repeat) in self.fail:
@@ -322,8 +324,9 @@ class Fakes:
                 "vllm_version": "0.32.0", "torch_version": "2.x", "device": "cpu",
                 "measurements": ms, "worker_seconds": 5.0, "returncode": 0}
 
-    def online(self, cfg, method, repeat, cells, kwargs, run_dir, on_progress=None):
+    def online(self, cfg, method, repeat, cells, kwargs, run_dir, on_progress=None, env=None):
         self.calls.append(("online", repeat, method.label))
+        self.envs[("online", repeat, method.label)] = env
         self.online_calls.append({"method": method, "kwargs": kwargs, "cells": cells})
         ms = []
         for cell in cells:
@@ -520,6 +523,56 @@ def test_run_from_args_mode_both_merges_offline_and_online(fake_env, tmp_path, c
     assert (out / "latency.png").read_bytes()[:8] == PNG_MAGIC  # online latencies drawn
 
 
+def test_run_from_args_cpu_preload_both_runs_each_method_with_and_without(fake_env, tmp_path,
+                                                                          monkeypatch, capsys):
+    from vllm_spec_plugins import cpu_runtime
+
+    libs = cpu_runtime.CpuRuntimeLibs(iomp="/v/lib/libiomp5.so", tcmalloc="/s/libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(cpu_runtime, "find_libraries", lambda: libs)
+    monkeypatch.setenv("LD_PRELOAD", "/a/libfoo.so:/old/libiomp5.so")
+    fakes = fake_env()
+    args, out = bench_args(tmp_path, "--mode", "both", "--batch-sizes", "1", "--concurrency", "2",
+                           "--methods", "none,suffix_tree", "--cpu-preload", "both")
+    assert R.run_from_args(args) == 0
+    assert [c for c in fakes.calls if c[1] == 0] == [
+        ("offline", 0, "none"), ("online", 0, "none"),
+        ("offline", 0, "none+preload"), ("online", 0, "none+preload"),
+        ("offline", 0, "suffix_tree"), ("online", 0, "suffix_tree"),
+        ("offline", 0, "suffix_tree+preload"), ("online", 0, "suffix_tree+preload")]
+    with_libs = "/a/libfoo.so:/s/libtcmalloc_minimal.so.4:/v/lib/libiomp5.so"
+    for (mode, repeat, label), env in fakes.envs.items():
+        # workers and servers alike; the runs without have none of the two
+        assert env["LD_PRELOAD"] == (with_libs if label.endswith("+preload") else "/a/libfoo.so"), \
+            (mode, label)
+        assert env["VLLM_PLUGINS"] == "vllm_spec_plugins"
+    # the preloaded baseline is compared with the plain one like any method
+    data = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in data["summary"]} == {"none", "none+preload", "suffix_tree",
+                                                      "suffix_tree+preload"}
+    report = (out / "results.md").read_text()
+    assert "- cpu preload: both: `+preload` runs have LD_PRELOAD += " \
+           "/s/libtcmalloc_minimal.so.4:/v/lib/libiomp5.so" in report
+    section = report.split("## CPU preload: Intel OpenMP + tcmalloc, with ÷ without")[1]
+    section = section.split("\n## ")[0]
+    # 2 workloads x 2 scenarios per method; the fake "none" takes 2 s, any other label 1 s
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "workload" not in line]
+    assert len(rows) == 8
+    assert all(" none " in r and r.endswith(" 2.00x (2.00–2.00) |") for r in rows[:4])
+    assert all(" suffix_tree " in r and r.endswith(" 1.00x (1.00–1.00) |") for r in rows[4:])
+
+
+def test_run_from_args_cpu_preload_on_without_libraries_stops_before_any_engine(
+        fake_env, tmp_path, monkeypatch):
+    from vllm_spec_plugins import cpu_runtime
+
+    monkeypatch.setattr(cpu_runtime, "find_libraries", lambda: cpu_runtime.CpuRuntimeLibs())
+    fakes = fake_env()
+    args, _ = bench_args(tmp_path, "--cpu-preload", "on")
+    with pytest.raises(ValueError, match="--cpu-preload on: neither libiomp5.so nor libtcmalloc found"):
+        R.run_from_args(args)
+    assert fakes.calls == []
+
+
 def test_run_from_args_server_url_measures_one_method(fake_env, tmp_path, capsys):
     fakes = fake_env()
     args, out = bench_args(tmp_path, "--server-url", "http://127.0.0.1:9", "--concurrency", "1,2",
@@ -635,3 +688,35 @@ def test_cli_more_prompts_than_the_dataset_has(tmp_path, capsys):
     assert_one_error_line(*res, "workload 'chat'", "has only 80 prompts, 100 requested",
                           "lower --num-prompts (50 × 2 scenario(s)")
     assert "n=None" not in res[2]
+
+
+def test_kill_group_also_stops_processes_that_ignore_sigterm(tmp_path):
+    """A worker that exits on SIGTERM while an engine process of its group ignores
+    it: nothing of the group may be left running."""
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    leader = subprocess.Popen(
+        ["sh", "-c", f'(trap "" TERM; exec sleep 300) & echo $! > {pid_file}; wait'],
+        start_new_session=True)
+    for _ in range(100):
+        if pid_file.exists() and pid_file.read_text().strip():
+            break
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    R._kill_group(leader)
+    assert leader.returncode is not None
+
+    def running(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+        return "\nState:\tZ" not in state  # a zombie has stopped
+
+    for _ in range(100):
+        if not running(child):
+            break
+        time.sleep(0.05)
+    assert not running(child)

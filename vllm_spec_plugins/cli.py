@@ -1,4 +1,4 @@
-"""``vllm-spec-plugins`` command line: models, demo, bench, soak, deploy.
+"""``vllm-spec-plugins`` command line: models, demo, bench, soak, cpu-env, deploy.
 
 Errors a user can fix (unknown model, bad settings, missing package) exit
 non-zero with one clear line, never a traceback.
@@ -24,6 +24,11 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from vllm_spec_plugins.cpu_runtime import reexec_with_preload
+
+    # The engines start in this process tree: restart it once with Intel OpenMP and
+    # tcmalloc in LD_PRELOAD when VSP_CPU_PRELOAD asks for them (README "CPU runtime").
+    reexec_with_preload()
     from vllm_spec_plugins.demo import run_demo
 
     return run_demo(model=args.model, max_tokens=args.max_tokens, k=args.k,
@@ -47,6 +52,13 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     from vllm_spec_plugins.deploy import run_cli
 
     return run_cli(args)
+
+
+def _cmd_cpu_env(args: argparse.Namespace) -> int:
+    from vllm_spec_plugins.cpu_runtime import shell_export
+
+    print(shell_export())
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_soak_arguments(s)
     s.set_defaults(func=_cmd_soak)
+    c = sub.add_parser("cpu-env", help="print `export LD_PRELOAD=...` (Intel OpenMP, tcmalloc) "
+                                       "for a shell that starts vLLM's CPU build",
+                       description="Prints `export LD_PRELOAD=...` with Intel OpenMP and tcmalloc "
+                                   "where they are installed, for a shell: eval \"$(vllm-spec-plugins "
+                                   "cpu-env)\" before `python -m vllm.entrypoints.openai.api_server`. "
+                                   "Only VSP_CPU_PRELOAD=0 turns it off.")
+    c.set_defaults(func=_cmd_cpu_env)
 
     dep = sub.add_parser("deploy", help="Ray Serve LLM configs and KubeRay manifests")
     from vllm_spec_plugins.deploy import add_arguments as add_deploy_arguments

@@ -13,6 +13,12 @@ CPU vs GPU. Ray Serve LLM runs vLLM's ``mp`` executor when the deployment is
 a CPU one (``accelerator_config: {kind: cpu}``; vLLM's own Ray executor
 refuses the CPU platform) and the ``ray`` executor on GPUs, where
 ``tensor_parallel_size`` spreads one replica over several GPUs.
+
+CPU preload. A CPU config can carry ``LD_PRELOAD`` (Intel OpenMP, tcmalloc) in
+its ``runtime_env.env_vars``: Ray starts the replica's worker process with it,
+and vLLM's engine processes inherit it. ``deploy serve`` adds it when
+``VSP_CPU_PRELOAD`` asks for it and the libraries are present on the machine
+that writes the config (``cpu_runtime``), or as given with ``--ld-preload``.
 """
 
 from __future__ import annotations
@@ -21,13 +27,13 @@ import copy
 import json
 from typing import Any, Literal, Optional
 
-from vllm_spec_plugins import engine_config
+from vllm_spec_plugins import cpu_runtime, engine_config
 from vllm_spec_plugins.engine_config import DRAFTER_CLASS_PATH, selects_plugin
 from vllm_spec_plugins.registry import METHODS, PluginConfigError
 
 __all__ = ["speculative_engine_kwargs", "serve_config", "rayservice_manifest", "dump_yaml", "RECIPES",
            "DRAFTER_CLASS_PATH", "PLUGIN_ENV", "APP_BUILDER", "build_openai_app",
-           "check_plugin_importable", "PluginMissingError"]
+           "check_plugin_importable", "PluginMissingError", "cpu_preload_env_vars"]
 
 # Every vLLM process of a replica loads the plugin (and only it) through this.
 PLUGIN_ENV = {"VLLM_PLUGINS": "vllm_spec_plugins"}
@@ -59,6 +65,21 @@ def speculative_engine_kwargs(method: str, num_speculative_tokens: int = 8,
         raise ValueError(str(e)) from None
 
 
+def cpu_preload_env_vars(environ: Optional[dict[str, str]] = None,
+                         libs: Optional[cpu_runtime.CpuRuntimeLibs] = None) -> dict[str, str]:
+    """``{"LD_PRELOAD": ...}`` for CPU engine processes when ``VSP_CPU_PRELOAD``
+    asks for it and the libraries are present here; ``{}`` otherwise. The paths
+    are this machine's: the nodes must have them at the same place (true when
+    the config is written inside the image the nodes run)."""
+    switch = cpu_runtime.switch_value(environ)
+    if switch == "0":
+        return {}
+    libs = cpu_runtime.find_libraries() if libs is None else libs
+    # A CPU deployment runs vLLM's CPU build on the nodes, whatever is installed here.
+    paths = cpu_runtime.libraries_to_preload(switch, libs, cpu_build=True)
+    return {"LD_PRELOAD": ":".join(paths)} if paths else {}
+
+
 def serve_config(method: str, *, model_id: str, model_source: str,
                  target: Literal["cpu", "gpu"] = "cpu",
                  num_speculative_tokens: int = 8,
@@ -69,13 +90,16 @@ def serve_config(method: str, *, model_id: str, model_source: str,
                  engine_kwargs: Optional[dict[str, Any]] = None,
                  pip: Optional[list[str]] = None,
                  sharing: Optional[dict[str, Any]] = None,
+                 ld_preload: Optional[str] = None,
                  app_name: str = "llm", route_prefix: str = "/") -> dict[str, Any]:
     """A ``serve run`` config serving ``model_source`` as ``model_id`` with
     this package's ``method`` (settings validated here, so a typo fails now,
     not in a replica). ``pip``: packages for the replica's runtime env
     (e.g. ``["vllm-spec-plugins==0.1.0"]``); None = already in the image.
     ``sharing``: replicas share what the proposer learns through a Ray actor
-    (``SharingConfig`` fields; ``{}`` = the defaults)."""
+    (``SharingConfig`` fields; ``{}`` = the defaults). ``ld_preload``: the
+    replicas' LD_PRELOAD on CPU (see :func:`cpu_preload_env_vars`); None or
+    empty = not set."""
     if target not in ("cpu", "gpu"):
         raise ValueError(f"target must be 'cpu' or 'gpu', got {target!r}")
     if not 1 <= min_replicas <= max_replicas:
@@ -90,6 +114,9 @@ def serve_config(method: str, *, model_id: str, model_source: str,
         # KV cache and refuses to start when that much is not free (it never
         # is next to Ray's own processes). Override in engine_kwargs.
         kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    if ld_preload and target != "cpu":
+        raise ValueError("ld_preload: Intel OpenMP / tcmalloc preloading is for target 'cpu' "
+                         "(vLLM's CPU build); drop it for GPU replicas")
     if target != "gpu" and tensor_parallel_size != 1:
         raise ValueError("tensor_parallel_size > 1 needs target 'gpu' (vLLM's CPU "
                          "build runs one worker per replica here)")
@@ -101,6 +128,8 @@ def serve_config(method: str, *, model_id: str, model_source: str,
             raise ValueError(str(e)) from None
     kwargs.update(copy.deepcopy(engine_kwargs or {}))
     runtime_env: dict[str, Any] = {"env_vars": dict(PLUGIN_ENV)}
+    if ld_preload:
+        runtime_env["env_vars"]["LD_PRELOAD"] = ld_preload
     if pip:
         runtime_env["pip"] = list(pip)
     llm: dict[str, Any] = {
@@ -288,6 +317,9 @@ def add_arguments(p) -> None:
     s.add_argument("--share", nargs="?", const="{}", metavar="JSON",
                    help="replicas share what the proposer learns through a Ray actor; "
                         "optional JSON object of sharing settings (hub, interval_s, ...)")
+    s.add_argument("--ld-preload", metavar="PATHS",
+                   help="CPU: the replicas' LD_PRELOAD (default: Intel OpenMP and tcmalloc as "
+                        "found on this machine when VSP_CPU_PRELOAD asks for them; '' = none)")
     s.add_argument("-o", "--output", help="write here instead of stdout")
     r = sub.add_parser("rayservice", help="a KubeRay RayService wrapping a serve config")
     r.add_argument("--serve-config", required=True, help="a `serve run` YAML file")
@@ -365,6 +397,14 @@ def run_cli(args) -> int:
         from vllm_spec_plugins.models import MODELS, ensure_model
 
         source = str(ensure_model(args.model)) if args.model in MODELS else args.model
+        ld_preload = args.ld_preload
+        if ld_preload is None and args.target == "cpu":
+            ld_preload = cpu_preload_env_vars().get("LD_PRELOAD")
+            if ld_preload:
+                import sys
+
+                print(f"note: the replicas get LD_PRELOAD={ld_preload} (found on this machine; "
+                      "the nodes need the same paths, else pass --ld-preload)", file=sys.stderr)
         cfg = serve_config(
             args.method, model_id=args.model_id or args.model, model_source=source,
             target=args.target, num_speculative_tokens=args.num_speculative_tokens,
@@ -373,7 +413,8 @@ def run_cli(args) -> int:
             tensor_parallel_size=args.tensor_parallel_size,
             accelerator_type=args.accelerator_type,
             engine_kwargs=_json_arg(args.engine_kwargs, "--engine-kwargs"), pip=args.pip,
-            sharing=None if args.share is None else _json_arg(args.share, "--share"))
+            sharing=None if args.share is None else _json_arg(args.share, "--share"),
+            ld_preload=ld_preload)
         _write(dump_yaml(cfg), args.output)
         return 0
     if args.deploy_command == "rayservice":

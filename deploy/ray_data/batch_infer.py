@@ -68,7 +68,8 @@ def read_prompts(path: str) -> list[dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from vllm_spec_plugins.deploy import (PLUGIN_ENV, PluginMissingError,
-                                          check_plugin_importable, speculative_engine_kwargs)
+                                          check_plugin_importable, cpu_preload_env_vars,
+                                          speculative_engine_kwargs)
 
     try:
         settings = json.loads(args.settings)
@@ -96,6 +97,8 @@ def main(argv=None) -> int:
         extra["placement_group_config"] = {"bundles": [{"CPU": 1}]}
         engine_extra = {"kv_cache_memory_bytes": int(args.kv_cache_gib * (1 << 30)),
                         "enforce_eager": True}
+        # Intel OpenMP + tcmalloc for the engine actors when VSP_CPU_PRELOAD asks for them.
+        runtime_env["env_vars"].update(cpu_preload_env_vars())
     else:
         engine_extra = {}
     config = vLLMEngineProcessorConfig(

@@ -48,6 +48,9 @@ class MethodSpec:
     settings: dict = field(default_factory=dict, hash=False, compare=False)
     lossless: bool = True
     source: str = ""                     # where the settings came from (a config file)
+    # Intel OpenMP + tcmalloc in the engine's LD_PRELOAD (bench --cpu-preload):
+    # True / False, or None = as the VSP_CPU_PRELOAD switch says.
+    cpu_preload: Optional[bool] = None
 
 
 def registry_methods() -> dict[str, bool]:

@@ -100,6 +100,11 @@ def worker_main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     method = MethodSpec(**spec["method"])
     result_path = Path(spec["result_path"])
+    from vllm_spec_plugins.cpu_runtime import mapped_runtime_libs
+
+    # Before vLLM edits LD_PRELOAD (it adds torch's libgomp for its engine process):
+    # what this worker was started with, and what the loader actually mapped.
+    cpu_preload = {"LD_PRELOAD": os.environ.get("LD_PRELOAD", ""), "mapped": mapped_runtime_libs()}
     from vllm import LLM, SamplingParams
 
     kwargs = engine_kwargs(method, model=spec["model"], dtype=spec["dtype"], seed=spec["seed"],
@@ -152,7 +157,7 @@ def worker_main(spec_path: str) -> int:
         "startup_s": startup, "vllm_version": getattr(vllm, "__version__", "unknown"),
         "torch_version": torch.__version__,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "measurements": measurements})
+        "cpu_preload": cpu_preload, "measurements": measurements})
     return 0
 
 

@@ -15,11 +15,15 @@ from vllm_spec_plugins.bench.stats import (
     acceptance_per_position,
     failures,
     mean_acceptance_length,
+    median_spread,
     sum_counters,
 )
 
 DASH = "–"
 TABLE_POSITIONS = 8  # acceptance positions shown in the table
+# Label suffix of a method's runs with Intel OpenMP + tcmalloc preloaded (bench
+# --cpu-preload both): "none" and "none+preload" are the same method.
+PRELOAD_SUFFIX = "+preload"
 
 EQUALITY_NOTE = (
     "Greedy equality compares each method's outputs with `none`, prompt by prompt (token "
@@ -160,6 +164,73 @@ def speedup_pivot(rows: Sequence[dict], baseline: str = BASELINE) -> str:
     return markdown_table(["workload", "scenario"] + methods, body, ["l", "l"] + ["r"] * len(methods))
 
 
+def _run_tps(run: dict, workload: str, scenario: str) -> Optional[float]:
+    for m in run.get("measurements", []):
+        if m["workload"] == workload and m["scenario"] == scenario:
+            if m.get("wall_s", 0) > 0 and m.get("output_tokens"):
+                return m["output_tokens"] / m["wall_s"]
+    return None
+
+
+def preload_pairs(runs: Sequence[dict]) -> list[dict[str, Any]]:
+    """For every method run with and without the CPU preload (``X`` and
+    ``X+preload``) and every cell: tok/s of each (median over repeats) and the
+    ratio with ÷ without, paired within a repeat (median, min, max)."""
+    ok = [r for r in runs if r.get("status") == "ok"]
+    by_key = {(r["label"], r["repeat"]): r for r in ok}
+    plain_labels = []
+    for r in ok:
+        if r["label"].endswith(PRELOAD_SUFFIX):
+            plain = r["label"][: -len(PRELOAD_SUFFIX)]
+            if plain not in plain_labels:
+                plain_labels.append(plain)
+    out = []
+    for plain in plain_labels:
+        cells: list[tuple[str, str]] = []
+        for r in ok:
+            if r["label"] in (plain, plain + PRELOAD_SUFFIX):
+                for m in r.get("measurements", []):
+                    if (m["workload"], m["scenario"]) not in cells:
+                        cells.append((m["workload"], m["scenario"]))
+        for workload, scenario in cells:
+            without, with_, ratios = [], [], []
+            repeats = sorted({rep for (label, rep) in by_key if label == plain}
+                             | {rep for (label, rep) in by_key if label == plain + PRELOAD_SUFFIX})
+            for rep in repeats:
+                a = by_key.get((plain, rep))
+                b = by_key.get((plain + PRELOAD_SUFFIX, rep))
+                ta = _run_tps(a, workload, scenario) if a else None
+                tb = _run_tps(b, workload, scenario) if b else None
+                if ta is not None:
+                    without.append(ta)
+                if tb is not None:
+                    with_.append(tb)
+                if ta and tb is not None:
+                    ratios.append(tb / ta)
+            ratio, ratio_min, ratio_max = median_spread(ratios)
+            out.append({"workload": workload, "scenario": scenario, "method": plain,
+                        "tokens_per_s": median_spread(without)[0],
+                        "tokens_per_s_preload": median_spread(with_)[0],
+                        "ratio": ratio, "ratio_min": ratio_min, "ratio_max": ratio_max,
+                        "pairs": len(ratios)})
+    return out
+
+
+def preload_table(runs: Sequence[dict]) -> str:
+    """The side-by-side table of :func:`preload_pairs`."""
+    body = []
+    for p in preload_pairs(runs):
+        ratio = DASH if p["ratio"] is None else f"{p['ratio']:.2f}x"
+        if p["pairs"] >= 2:
+            ratio += f" ({p['ratio_min']:.2f}–{p['ratio_max']:.2f})"
+        body.append([p["workload"], p["scenario"], p["method"], fmt(p["tokens_per_s"], 1),
+                     fmt(p["tokens_per_s_preload"], 1), ratio])
+    if not body:
+        return "_(no method ran with and without the preload)_"
+    return markdown_table(["workload", "scenario", "method", "tok/s without", "tok/s with preload",
+                           "with ÷ without"], body, ["l", "l", "l", "r", "r", "r"])
+
+
 def acceptance_by_method(rows: Sequence[dict]) -> dict[tuple[str, str], dict[str, Any]]:
     """(workload, method) -> acceptance summed over scenarios."""
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -220,6 +291,12 @@ def render_report(settings: dict[str, Any], rows: Sequence[dict], runs: Sequence
     if lossy:
         lines += ["", f"**LOSSY methods: {', '.join(lossy)}** — their outputs may differ from the "
                   "target model's; read their task score next to their speed."]
+    if any(r.get("label", "").endswith(PRELOAD_SUFFIX) for r in runs):
+        lines += ["", "## CPU preload: Intel OpenMP + tcmalloc, with ÷ without", "",
+                  preload_table(runs), "",
+                  "tok/s: median over repeats; with ÷ without: the two runs of the same method "
+                  "in the same repeat, median (min–max) over repeats. Without = vLLM's default "
+                  "(it preloads torch's libgomp itself)."]
     lines += ["", f"## Speedup over `{baseline}` (median; τ = mean acceptance length)", "",
               speedup_pivot(rows, baseline), "", "## All measurements", "",
               main_table(rows, baseline), "",

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from vllm_spec_plugins import cpu_runtime
 from vllm_spec_plugins.bench.methods import (
     BASELINE,
     MAX_MODEL_LEN,
@@ -45,11 +46,13 @@ from vllm_spec_plugins.bench.methods import (
     parse_methods,
     validate_plugin_settings,
 )
+from vllm_spec_plugins.bench.report import PRELOAD_SUFFIX
 from vllm_spec_plugins.bench.stats import failures, summarize
 from vllm_spec_plugins.json_input import parse_json_object
 
 DEFAULT_METHODS = "all"
 DEFAULT_WORKLOADS = "code,chat,sharegpt,math,repetitive"
+CPU_PRELOAD_CHOICES = ("auto", "on", "off", "both")
 STDERR_TAIL_LINES = 20
 POLL_SECONDS = 1.0
 
@@ -118,6 +121,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip torch.compile / graph capture (faster start, slower steps)")
     p.add_argument("--worker-timeout", type=float, default=None, metavar="SECONDS",
                    help="stop a method's run after this long (default: no limit)")
+    p.add_argument("--cpu-preload", default="auto", metavar="|".join(CPU_PRELOAD_CHOICES),
+                   help="Intel OpenMP + tcmalloc in the engines' LD_PRELOAD (vLLM CPU build): "
+                        "auto (default) as the VSP_CPU_PRELOAD switch says, on, off, or both: "
+                        "every method with and without, side by side (labels like none, "
+                        f"none{PRELOAD_SUFFIX})")
     p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
 
 
@@ -143,6 +151,7 @@ class BenchConfig:
     enforce_eager: bool = False
     worker_timeout: Optional[float] = None
     notes: list[str] = field(default_factory=list)
+    cpu_preload: str = "auto"
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -179,6 +188,32 @@ def parse_int_list(text: str, what: str) -> list[int]:
         if v <= 0:
             raise ValueError(f"--{what}: values must be > 0, got {v}")
         out.append(v)
+    return out
+
+
+def parse_cpu_preload(text: Optional[str]) -> str:
+    """``--cpu-preload`` -> auto / on / off / both. Raises ValueError naming the flag."""
+    value = (text or "").strip().lower()
+    if value not in CPU_PRELOAD_CHOICES:
+        raise ValueError(f"--cpu-preload: expected one of {', '.join(CPU_PRELOAD_CHOICES)}, "
+                         f"got {text!r}")
+    return value
+
+
+def apply_cpu_preload(methods: Sequence[MethodSpec], mode: str) -> list[MethodSpec]:
+    """Methods as ``--cpu-preload`` runs them: on/off fix every method's preload;
+    both runs each method twice, without and with (``label+preload``), next to
+    each other; auto leaves the decision to VSP_CPU_PRELOAD at run time."""
+    from dataclasses import replace
+
+    if mode == "auto":
+        return list(methods)
+    if mode in ("on", "off"):
+        return [replace(m, cpu_preload=(mode == "on")) for m in methods]
+    out = []
+    for m in methods:
+        out.append(replace(m, cpu_preload=False))
+        out.append(replace(m, label=m.label + PRELOAD_SUFFIX, cpu_preload=True))
     return out
 
 
@@ -246,6 +281,11 @@ def config_from_args(args: argparse.Namespace, *, registry: Optional[dict[str, b
     else:
         methods, notes = parse_methods(args.methods, registry=registry, draft_model=args.draft_model,
                                        has_arctic=has_arctic)
+    cpu_preload = parse_cpu_preload(getattr(args, "cpu_preload", "auto"))
+    if cpu_preload != "auto" and args.server_url:
+        raise ValueError("--cpu-preload: a --server-url server runs with its own environment; "
+                         "drop --cpu-preload (use `vllm-spec-plugins cpu-env` where it starts)")
+    methods = apply_cpu_preload(methods, cpu_preload)
     return BenchConfig(
         model=args.model, methods=methods,
         workloads=parse_workloads(args.workloads, known_workloads),
@@ -255,7 +295,8 @@ def config_from_args(args: argparse.Namespace, *, registry: Optional[dict[str, b
         repeats=args.repeats, dtype=args.dtype, seed=args.seed, out=args.out,
         kv_cache_gb=args.kv_cache_gb, plugin_config=parse_plugin_config(args.plugin_config),
         draft_model=args.draft_model, server_url=args.server_url,
-        enforce_eager=bool(args.enforce_eager), worker_timeout=args.worker_timeout, notes=notes)
+        enforce_eager=bool(args.enforce_eager), worker_timeout=args.worker_timeout, notes=notes,
+        cpu_preload=cpu_preload)
 
 
 def rotated_order(items: Sequence[Any], repeat: int) -> list[Any]:
@@ -380,11 +421,15 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=15)
     except (ProcessLookupError, subprocess.TimeoutExpired, PermissionError):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
+        pass
+    # The worker may exit while its engine processes linger in the group (an
+    # engine core waiting on a worker that is still compiling ignores SIGTERM and
+    # would go on computing as an orphan, skewing every later measurement).
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
 
 
 def _count_cells_done(err_log: Path) -> int:
@@ -395,8 +440,10 @@ def _count_cells_done(err_log: Path) -> int:
 
 
 def run_offline_worker(spec: dict, run_dir: Path, timeout: Optional[float],
-                       on_progress: Optional[Callable[[int], None]] = None) -> dict:
-    """Run one (repeat, method) offline worker subprocess; its result or a failure."""
+                       on_progress: Optional[Callable[[int], None]] = None,
+                       env: Optional[dict[str, str]] = None) -> dict:
+    """Run one (repeat, method) offline worker subprocess; its result or a failure.
+    ``env``: the worker's whole environment (default: ours plus ``WORKER_ENV``)."""
     stem = f"r{spec['repeat']}-{_safe_name(spec['method']['label'])}-offline"
     spec_path = run_dir / f"{stem}.spec.json"
     result_path = run_dir / f"{stem}.result.json"
@@ -404,7 +451,7 @@ def run_offline_worker(spec: dict, run_dir: Path, timeout: Optional[float],
     result_path.unlink(missing_ok=True)
     spec = dict(spec, result_path=str(result_path))
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, **WORKER_ENV)
+    env = dict(os.environ, **WORKER_ENV) if env is None else env
     cmd = [sys.executable, "-m", "vllm_spec_plugins.bench.offline", str(spec_path)]
     base = {"label": spec["method"]["label"], "repeat": spec["repeat"],
             "stdout_log": str(out_log), "stderr_log": str(err_log)}
@@ -465,14 +512,76 @@ def run_offline_worker(spec: dict, run_dir: Path, timeout: Optional[float],
 # ==========================================================================
 def run_online(cfg: BenchConfig, method: MethodSpec, repeat: int, cells: Sequence[dict],
                kwargs: Optional[dict], run_dir: Path,
-               on_progress: Optional[Callable[[int], None]] = None) -> dict:
+               on_progress: Optional[Callable[[int], None]] = None,
+               env: Optional[dict[str, str]] = None) -> dict:
+    """``env``: the server's environment (default: ours plus ``WORKER_ENV``)."""
     from vllm_spec_plugins.bench import online
 
     return online.run_cells(
         label=method.label, repeat=repeat, cells=cells, engine_kwargs=kwargs,
         server_url=cfg.server_url, max_tokens=cfg.max_tokens,
-        env=dict(os.environ, **WORKER_ENV), log_dir=run_dir, timeout=cfg.worker_timeout,
-        on_cell_done=on_progress)
+        env=dict(os.environ, **WORKER_ENV) if env is None else env, log_dir=run_dir,
+        timeout=cfg.worker_timeout, on_cell_done=on_progress)
+
+
+# ==========================================================================
+# CPU preload: Intel OpenMP + tcmalloc in the engines' LD_PRELOAD
+# ==========================================================================
+@dataclass
+class PreloadPlan:
+    """What ``--cpu-preload`` means for this run, resolved once before any engine."""
+
+    libraries: list[str]                  # the paths a preloaded run gets
+    by_label: dict[str, Optional[bool]]   # method label -> on / off / None (environment as is)
+    description: str                      # the report's "cpu preload" line
+
+
+def plan_cpu_preload(cfg: BenchConfig, libs: Optional[cpu_runtime.CpuRuntimeLibs] = None,
+                     environ: Optional[dict[str, str]] = None,
+                     cpu_build: Optional[bool] = None) -> PreloadPlan:
+    """Resolve ``--cpu-preload`` against the libraries found here. Raises
+    ValueError when preloaded runs are asked for and neither library exists."""
+    environ = dict(os.environ) if environ is None else environ
+    libs = cpu_runtime.find_libraries() if libs is None else libs
+    explicit = {m.label: m.cpu_preload for m in cfg.methods}
+    if cfg.cpu_preload == "auto":
+        switch = cpu_runtime.switch_value(environ)
+        cpu_build = cpu_runtime.cpu_vllm_installed() if cpu_build is None else cpu_build
+        paths = cpu_runtime.libraries_to_preload(switch, libs, cpu_build=cpu_build)
+        by_label = {label: (True if paths else None) for label in explicit}
+        what = (f"LD_PRELOAD += {':'.join(paths)}" if paths else "LD_PRELOAD as in the environment")
+        return PreloadPlan(paths, by_label,
+                           f"auto ({cpu_runtime.SWITCH_ENV}={switch}): {what}")
+    paths = libs.paths()
+    if not paths and any(explicit.values()):
+        raise ValueError(f"--cpu-preload {cfg.cpu_preload}: neither libiomp5.so nor libtcmalloc "
+                         "found; install them with bash scripts/setup.sh (pip install "
+                         "intel-openmp; apt-get install libtcmalloc-minimal4) or use "
+                         "--cpu-preload off")
+    missing = f" ({', '.join(libs.missing())} not found)" if libs.missing() else ""
+    if cfg.cpu_preload == "both":
+        text = (f"both: `{PRELOAD_SUFFIX}` runs have LD_PRELOAD += {':'.join(paths)}{missing}; "
+                "the others have no libiomp / libtcmalloc in LD_PRELOAD (vLLM's default: "
+                "torch's libgomp)")
+    elif cfg.cpu_preload == "on":
+        text = f"on: LD_PRELOAD += {':'.join(paths)}{missing}"
+    else:
+        text = "off: no libiomp / libtcmalloc in LD_PRELOAD (vLLM's default: torch's libgomp)"
+    return PreloadPlan(paths, explicit, text)
+
+
+def worker_environ(preload: Optional[bool], libraries: Sequence[str],
+                   environ: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """The environment of a method's worker or server: ``WORKER_ENV`` over ours,
+    then LD_PRELOAD with the libraries (True), without any libiomp / libtcmalloc
+    (False), or as it is (None)."""
+    env = dict(os.environ if environ is None else environ, **WORKER_ENV)
+    if preload is None:
+        return env
+    env = cpu_runtime.without_preload(env)
+    if preload:
+        env["LD_PRELOAD"] = cpu_runtime.compose_preload(env.get("LD_PRELOAD"), libraries)
+    return env
 
 
 # ==========================================================================
@@ -554,6 +663,7 @@ def _run(args: argparse.Namespace) -> int:
     online_cells = [c for c in cells if c["mode"] == "online"]
     model_path = resolve_model_path(cfg.model) if not cfg.server_url else cfg.model
     draft_path = resolve_model_path(cfg.draft_model, "--draft-model") if cfg.draft_model else None
+    preload = plan_cpu_preload(cfg)
 
     out = Path(cfg.out)
     run_dir = out / "runs"
@@ -583,6 +693,7 @@ def _run(args: argparse.Namespace) -> int:
                                        draft_model_path=draft_path,
                                        enforce_eager=cfg.enforce_eager)
             off = on = None
+            env = worker_environ(preload.by_label.get(m.label), preload.libraries)
             if offline_cells:
                 spec = {"method": asdict(m), "repeat": repeat, "model": model_path,
                         "dtype": cfg.dtype, "seed": cfg.seed, "k": cfg.k,
@@ -592,9 +703,10 @@ def _run(args: argparse.Namespace) -> int:
                         "cells": [{k: c[k] for k in ("workload", "scenario", "batch_size",
                                                      "prompts", "followups")}
                                   for c in offline_cells]}
-                off = run_offline_worker(spec, run_dir, cfg.worker_timeout, bar.update)
+                off = run_offline_worker(spec, run_dir, cfg.worker_timeout, bar.update, env=env)
             if online_cells:
-                on = run_online(cfg, m, repeat, online_cells, kwargs, run_dir, bar.update)
+                on = run_online(cfg, m, repeat, online_cells, kwargs, run_dir, bar.update,
+                                env=None if cfg.server_url else env)
             res = _merge_runs(off, on)
             for meas in res.get("measurements", []):
                 cell = cell_by_key.get((meas["workload"], meas["scenario"]))
@@ -618,12 +730,14 @@ def _run(args: argparse.Namespace) -> int:
                 bar.update(expected - bar.n)
     finally:
         bar.close()
-    return finish(cfg, runs, labels, lossless, loaded, scenarios, cells, model_path, out, t_start)
+    return finish(cfg, runs, labels, lossless, loaded, scenarios, cells, model_path, out, t_start,
+                  preload_description=None if cfg.server_url else preload.description)
 
 
 def finish(cfg: BenchConfig, runs: list[dict], labels: list[str], lossless: dict[str, bool],
            loaded: Sequence[Any], scenarios: Sequence[tuple[str, str, int]],
-           cells: Sequence[dict], model_path: str, out: Path, t_start: float) -> int:
+           cells: Sequence[dict], model_path: str, out: Path, t_start: float,
+           preload_description: Optional[str] = None) -> int:
     from vllm_spec_plugins.bench.report import (
         mismatch_lines,
         plot_acceptance,
@@ -641,6 +755,8 @@ def finish(cfg: BenchConfig, runs: list[dict], labels: list[str], lossless: dict
     settings = settings_lines(cfg, model_path)
     settings["scenarios"] = ", ".join(scen_names)
     settings["ngram"] = f"prompt_lookup_min {NGRAM_PROMPT_LOOKUP_MIN}, max {NGRAM_PROMPT_LOOKUP_MAX}"
+    if preload_description:
+        settings["cpu preload"] = preload_description
     report = render_report(settings, rows, runs, cfg.notes, env_info)
     print(report)
     (out / "results.md").write_text(report + "\n")
