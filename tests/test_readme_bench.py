@@ -93,12 +93,14 @@ def test_every_report_has_a_readme_command():
     """Reports of the other benchmarks (step stalls, soak, CPU preload) are named
     by the README command that writes them too."""
     text = (ROOT / "README.md").read_text()
-    commands = re.findall(r"`(\.venv/bin/[^`\n]*)`", text)
+    # A command may start with environment settings (`HF_HUB_OFFLINE=1 .venv/bin/...`).
+    env = r"(?:[A-Z_][A-Z0-9_]*=\S+ )*"
+    commands = re.findall(rf"`({env}\.venv/bin/[^`\n]*)`", text)
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         commands += re.sub(r"\\\n\s*", " ", block).splitlines()
     outs = set()
     for cmd in commands:
-        argv = shlex.split(cmd.split("  #")[0]) if cmd.strip().startswith(".venv/bin/") else []
+        argv = shlex.split(cmd.split("  #")[0]) if re.match(rf"\s*{env}\.venv/bin/", cmd) else []
         if "--out" in argv[:-1]:
             outs.add(argv[argv.index("--out") + 1].rstrip("/"))
     reports = {str(p.parent.relative_to(ROOT)) for p in (ROOT / "docs/bench").glob("*/results.json")}
