@@ -17,6 +17,7 @@ class RecordingProposer(Proposer):
         fail_on: str = ""            # "start", "propose", "batch", "tokens"
         block_start_over: int = 0    # prompts longer than this wait for `release`
         state_path: str = ""
+        wrong_drafts: bool = False   # draft tokens the target never emits, claiming certainty
 
     instances: list["RecordingProposer"] = []
 
@@ -49,6 +50,8 @@ class RecordingProposer(Proposer):
             raise RuntimeError("injected propose failure")
         ctx = [int(t) for t in context]
         assert ctx == state["ctx"], "context and the tokens delivered disagree"
+        if self.config.wrong_drafts:
+            return [99_999] * max_tokens
         key = ctx[-2:]
         for s in range(len(ctx) - 3, -1, -1):
             if ctx[s:s + 2] == key:

@@ -202,3 +202,45 @@ class SharingConfig(BaseModel):
     max_hub_mb: int = Field(
         256, ge=1, le=65536,
         description="Memory bound of the hub's log (oldest payloads evicted).")
+
+
+class DraftBudgetConfig(BaseModel):
+    """``additional_config.spec_plugins.draft_budget``: the draft budget every
+    method shares (integration/draft_budget.py). Each step it cuts each row's
+    draft where one more token's calibrated acceptance probability no longer
+    pays for verifying it, at the price this engine's own steps measure."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(
+        True,
+        description="false = every method drafts what it drafts on its own "
+                    "(only num_speculative_tokens and the method's own "
+                    "thresholds bound it).")
+    fallback_price: float = Field(
+        0.1, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="Price of a drafted token (acceptance probability it "
+                    "needs) at one row until the engine's step times give a "
+                    "reliable one (a few dozen decode steps); it rises by "
+                    "fallback_rows_slope per extra row in the step, at most 0.95.")
+    fallback_rows_slope: float = Field(0.25, ge=0.0, le=10.0, allow_inf_nan=False,
+                                       description="See fallback_price.")
+    explore_every: int = Field(
+        16, ge=0, le=100000,
+        description="One step in this many drafts at the fallback price "
+                    "(no calibrated cut), so the step-cost fit and the "
+                    "calibration keep seeing drafts even when the budget "
+                    "drafts little. 0 = never.")
+    calibrate: bool = Field(
+        True,
+        description="Correct each method's acceptance estimates by what the "
+                    "engine accepted (per kind of evidence and probability "
+                    "bin). false = take the estimates as they are.")
+    prior_weight: float = Field(
+        8.0, gt=0.0, le=1e6, allow_inf_nan=False,
+        description="How many observed tokens a method's own estimate is "
+                    "worth against the observed acceptance in its bin.")
+    half_life_tokens: int = Field(
+        4096, ge=16, le=10**9,
+        description="Observed tokens after which old evidence counts half "
+                    "(the calibration follows a changing workload).")

@@ -61,6 +61,32 @@ def check_num_speculative_tokens(k: Any) -> int:
     return k
 
 
+#: Field of the plugin settings (any method) holding the shared draft budget.
+BUDGET_FIELD = "draft_budget"
+
+
+def draft_budget_config(settings: Optional[dict]) -> Any:
+    """The validated ``additional_config.spec_plugins.draft_budget`` (defaults
+    if absent)."""
+    from pydantic import ValidationError
+
+    from vllm_spec_plugins.config import DraftBudgetConfig
+
+    raw = (settings or {}).get(BUDGET_FIELD) if isinstance(settings, dict) else None
+    if raw is None:
+        return DraftBudgetConfig()
+    if not isinstance(raw, dict):
+        raise PluginConfigError(f"additional_config.{CONFIG_KEY}.{BUDGET_FIELD} must be a "
+                                'JSON object (e.g. {"enabled": false}; {} = defaults)')
+    try:
+        return DraftBudgetConfig(**raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err.get("loc", ())) or "?"
+        raise PluginConfigError(f"additional_config.{CONFIG_KEY}.{BUDGET_FIELD}.{field}: "
+                                f"{err.get('msg')}") from None
+
+
 def sharing_config(additional_config: Optional[dict]) -> Any:
     """The validated ``additional_config.spec_plugins_sharing`` (None if absent)."""
     raw = (additional_config or {}).get(SHARING_KEY)

@@ -18,7 +18,12 @@ from vllm_spec_plugins.config import (
     TokenRecyclingConfig,
 )
 
-from vllm_spec_plugins.engine_config import CONFIG_KEY, PluginConfigError  # noqa: F401 (re-exported)
+from vllm_spec_plugins.engine_config import (  # noqa: F401 (CONFIG_KEY, PluginConfigError re-exported)
+    BUDGET_FIELD,
+    CONFIG_KEY,
+    PluginConfigError,
+    draft_budget_config,
+)
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,8 @@ def resolve(settings: dict[str, Any] | None) -> tuple[str, MethodEntry, BaseMode
         raise PluginConfigError(f"additional_config.{CONFIG_KEY} must be a JSON object")
     params = dict(settings)
     method = params.pop("method")
+    draft_budget_config(params)  # every method's; validated here, used by the drafter
+    params.pop(BUDGET_FIELD, None)
     if not isinstance(method, str):
         raise PluginConfigError(
             f"additional_config.{CONFIG_KEY}.method must be a string, got {method!r}")

@@ -26,10 +26,13 @@ from vllm_spec_plugins.engine_config import (
     VLLM_MAX_SPEC_LEN,
     PluginConfigError,
     check_num_speculative_tokens,
+    draft_budget_config,
     sharing_config,
 )
+from vllm_spec_plugins.proposers.base import ScoredDraft
 
 from .background import BackgroundWork
+from .draft_budget import DraftBudget
 from .lifecycle import RequestTable
 from .replica_sharing import ReplicaSharing, current_ranks, owns_replica_state
 from .state_files import StateSaver, check_state_paths
@@ -60,6 +63,7 @@ class PluginDrafter:
                 extra.get(CONFIG_KEY), self.num_speculative_tokens)
             check_state_paths(self.config)
             share = sharing_config(extra)
+            budget_config = draft_budget_config(extra.get(CONFIG_KEY))
         except PluginConfigError as e:
             # vLLM wraps this in "Failed to instantiate custom proposer": keep ours first.
             raise ValueError(f"vllm-spec-plugins: {e}") from None
@@ -69,6 +73,9 @@ class PluginDrafter:
         self.requests = RequestTable(self.proposer, self.background)
         self.timer = StepTimer()
         self.proposer.set_step_cost(self.timer.model)
+        self.budget = DraftBudget(budget_config, self.timer.model)
+        #: {request id: draft tokens scheduled for verification} of the running step.
+        self._verifying: dict = {}
         self.topk = TargetTopK(getattr(self.proposer, "target_topk", 0) or 0)
         self.saver = StateSaver(self.proposer, self.background, self.autosave_every,
                                 enabled=self.owner, after_save=self._release_deferred)
@@ -98,6 +105,7 @@ class PluginDrafter:
         """A step begins: time the last one, release finished/aborted requests."""
         self._runner = runner
         self.timer.on_step_start(scheduler_output)
+        self._verifying = getattr(scheduler_output, "scheduled_spec_decode_tokens", None) or {}
         for req_id in getattr(scheduler_output, "finished_req_ids", None) or ():
             self.requests.finish(req_id)
         lock = self.background.proposer_lock
@@ -164,6 +172,8 @@ class PluginDrafter:
         if self._step_budget > 0:
             budget = min(budget, self._step_budget)
         budget = min(budget, VLLM_MAX_SPEC_LEN)
+        draft_budget = self.budget
+        verifying = self._verifying
         rows, recs, work = [], [], []
         for i, sampled in enumerate(sampled_token_ids):
             req_id = batch.req_ids[i] if sampled else None  # [] = chunked prefill running
@@ -176,6 +186,11 @@ class PluginDrafter:
                 rec = table.start(req_id, token_ids_cpu[i, :n_prompt])
             if not table.poll(rec):
                 continue
+            if rec.last_draft is not None:
+                # What the engine made of this row's last draft: it feeds the calibration.
+                draft_budget.observe(rec.last_draft, len(verifying.get(req_id, ())),
+                                     len(sampled) - 1)
+                rec.last_draft = None
             try:
                 if self.topk.width:
                     window = self.topk.take(req_id, token_ids_cpu[i], n, len(sampled))
@@ -194,19 +209,21 @@ class PluginDrafter:
                 work.append((rec.state, token_ids_cpu[i, :n], k))
         if not work:
             return
+        price, explore = draft_budget.step_price(len(sampled_token_ids))
+        ask = price if draft_budget.enabled else None
         try:
-            out = proposer.propose_batch(work)
+            out = proposer.propose_scored_batch(work, ask)
         except Exception:
             # One bad row must not cost the others their drafts: retry row by row.
             out = []
-            for rec, (state, ctx, k) in zip(recs, work):
+            for rec, row in zip(recs, work):
                 try:
-                    out.append(proposer.propose(state, ctx, k))
+                    out.append(proposer.propose_scored_batch([row], ask)[0])
                 except Exception:
                     table.fail(rec, "propose")
-                    out.append([])
-        for i, (_, _, k), d in zip(rows, work, out):
-            drafts[i] = [int(t) for t in d[:k]]
+                    out.append(ScoredDraft([]))
+        for i, rec, (_, _, k), d in zip(rows, recs, work, out):
+            drafts[i], rec.last_draft = draft_budget.cut(d, price, explore, k)
             self.stats["drafted_tokens"] += len(drafts[i])
         self.stats["rows"] += len(work)
 
@@ -222,6 +239,7 @@ class PluginDrafter:
                 "sharing": self.sharing.stats() if self.sharing is not None else None,
                 "owner_rank": self.owner,
                 "step_cost": self.timer.model.stats,
+                "draft_budget": self.budget.snapshot(),
                 "background": {"jobs": self.background.jobs,
                                "errors": self.background.errors,
                                "saves": self.saver.saves},

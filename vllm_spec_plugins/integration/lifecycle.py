@@ -40,6 +40,7 @@ class RequestRecord:
     preparing: Optional[Future] = None  # set while built on the background thread
     broken: bool = False                # the proposer failed for it: draft nothing more
     ready: bool = field(default=False)
+    last_draft: Any = None              # the budget's record of the draft sent last step
 
 
 class RequestTable:

@@ -14,13 +14,29 @@ import glob
 import os
 import tempfile
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 #: What ``Proposer.start_request`` returned for a request (opaque to the
 #: integration layer; may be None for a proposer with no per-request state).
 RequestState = Any
+
+
+class ScoredDraft(NamedTuple):
+    """A draft with the proposer's estimate of how likely each token is accepted.
+
+    ``probs[i]``: the estimated probability that token ``i`` is accepted given
+    that tokens ``0..i-1`` were (a conditional, in (0, 1]); None = no estimate.
+    ``stratum``: a small int (0..63) naming the kind of evidence behind the
+    estimate (e.g. the suffix tree's match length), so that the draft budget
+    (integration/draft_budget.py) calibrates each kind on its own.
+    """
+
+    tokens: list[int]
+    probs: Optional[list[float]] = None
+    stratum: int = 0
+
 
 #: A temp file of an interrupted save older than this is removed by the next save.
 STALE_TEMP_AGE_S = 3600.0
@@ -121,6 +137,21 @@ class Proposer(abc.ABC):
     ) -> list[list[int]]:
         """Default: one ``propose`` per row. Override to vectorise."""
         return [self.propose(s, ctx, k) for s, ctx, k in batch]
+
+    def propose_scored_batch(
+        self, batch: Sequence[tuple[RequestState, np.ndarray, int]],
+        price: Optional[float] = None,
+    ) -> list[ScoredDraft]:
+        """Drafts with per-token acceptance estimates, for the shared draft
+        budget, which cuts each row where a token no longer pays for its
+        verification. ``price``: what a drafted token must be worth this step
+        (acceptance probability; None = not known), for a proposer that
+        chooses among candidate drafts by it. Default: ``propose_batch`` with
+        no estimates (the budget then learns this proposer's acceptance per
+        position from what the engine accepts)."""
+        if len(batch) == 1:  # the drafter's row-by-row retry after a failed batch
+            return [ScoredDraft(list(self.propose(*batch[0])))]
+        return [ScoredDraft(list(d)) for d in self.propose_batch(batch)]
 
     def finish_request(self, state: RequestState, aborted: bool = False) -> None:
         """The request finished (or was aborted): learn from it, release it."""

@@ -24,11 +24,15 @@ import numpy as np
 
 from vllm_spec_plugins.config import SuffixRecyclingConfig
 
-from .base import Proposer, RequestState
-from .suffix_tree import SuffixTreeProposer, _Request
+from .base import Proposer, RequestState, ScoredDraft
+from .suffix_tree import SUFFIX_STRATA, SuffixTreeProposer, _Request, suffix_stratum
 from .token_recycling import TokenRecyclingProposer
 
 __all__ = ["SuffixRecyclingConfig", "SuffixRecyclingProposer", "HybridState", "state_paths"]
+
+
+#: Calibration stratum of Token Recycling's drafts (after the suffix tree's).
+RECYCLING_STRATUM = SUFFIX_STRATA
 
 
 def state_paths(path: str) -> tuple[str, str]:
@@ -128,26 +132,38 @@ class SuffixRecyclingProposer(Proposer):
 
     def propose_batch(self, batch: Sequence[tuple[Optional[HybridState], np.ndarray, int]]
                       ) -> list[list[int]]:
-        out: list[list[int]] = [[] for _ in batch]
-        fallback: dict[int, list[int]] = {}
+        return [d.tokens for d in self._propose(batch, None)]
+
+    def propose_scored_batch(self, batch: Sequence[tuple[Optional[HybridState], np.ndarray, int]],
+                             price: Optional[float] = None) -> list[ScoredDraft]:
+        """Each row's draft from the half that drafted it, with that half's
+        estimates; Token Recycling's drafts get their own calibration stratum
+        (after the suffix tree's)."""
+        return self._propose(batch, price)
+
+    def _propose(self, batch, price: Optional[float]) -> list[ScoredDraft]:
+        out: list[ScoredDraft] = [ScoredDraft([], []) for _ in batch]
+        fallback: dict[int, ScoredDraft] = {}
         rest: list[int] = []
         for i, (state, ctx, k) in enumerate(batch):
-            toks, _score, match_len = self.suffix.propose_scored(_halves(state)[0], ctx, k)
-            if toks and match_len >= self._min_match:
-                out[i] = toks
+            toks, _score, match_len, probs, src = self.suffix.draft_row(_halves(state)[0], ctx, k)
+            d = ScoredDraft(toks.tolist(), probs.tolist(), suffix_stratum(match_len, src))
+            if d.tokens and match_len >= self._min_match:
+                out[i] = d
                 self.choice_counts["suffix_tree"] += 1
             else:
-                if toks:
-                    fallback[i] = toks
+                if d.tokens:
+                    fallback[i] = d
                 rest.append(i)
         if rest:
-            # The verification cost of a drafted token depends on the whole step.
-            drafts = self.recycling.propose_batch(
-                [(_halves(batch[i][0])[1], batch[i][1], batch[i][2]) for i in rest],
-                step_rows=len(batch))
+            sub = [(_halves(batch[i][0])[1], batch[i][1], batch[i][2]) for i in rest]
+            if price is None:
+                # The verification cost of a drafted token depends on the whole step.
+                price = self.recycling.draft_threshold(len(batch))
+            drafts = self.recycling.propose_scored_batch(sub, price)
             for i, d in zip(rest, drafts):
-                if d:
-                    out[i] = d
+                if d.tokens:
+                    out[i] = ScoredDraft(d.tokens, d.probs, RECYCLING_STRATUM)
                     self.choice_counts["token_recycling"] += 1
                 elif i in fallback:
                     out[i] = fallback[i]

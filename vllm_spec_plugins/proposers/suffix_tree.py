@@ -53,12 +53,12 @@ import logging
 import math
 import os
 from collections import deque
-from typing import Hashable, Iterable, Optional
+from typing import Hashable, Iterable, Optional, Sequence
 
 import numpy as np
 from numba import njit
 
-from .base import Proposer, save_npz_atomic
+from .base import Proposer, ScoredDraft, save_npz_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -530,10 +530,12 @@ def _match(n32, n64, hk, hv, ar, sq, toks, n, max_depth, need_next):
 
 @njit(cache=True, nogil=True)
 def _greedy(n32, n64, hk, hv, ar, sq, op, buf, nb, node, j, cap, min_prob,
-            live_q, max_depth, out):
+            live_q, max_depth, out, pout):
     """Follow best children from (node, j). buf[:nb] holds the context tail
     (>= the matched suffix, <= max_depth-1 tokens); drafted tokens are
-    appended to buf for re-anchoring. Returns (n, score, stopped_by_prob)."""
+    appended to buf for re-anchoring, and each token's count ratio (its
+    probability given the tokens before it) to pout. Returns (n, score,
+    stopped_by_prob)."""
     prob = 1.0
     score = 0.0
     n = 0
@@ -557,6 +559,7 @@ def _greedy(n32, n64, hk, hv, ar, sq, op, buf, nb, node, j, cap, min_prob,
         prob = p
         score += p
         out[n] = tok
+        pout[n] = ccnt / den
         buf[nb + n] = tok
         n += 1
         node = c
@@ -567,19 +570,21 @@ def _greedy(n32, n64, hk, hv, ar, sq, op, buf, nb, node, j, cap, min_prob,
 @njit(cache=True, nogil=True)
 def _draft(n32, n64, hk, hv, ar, sq, op, ctx, max_tokens, factor, offset,
            min_prob, live_q, max_depth):
-    """Returns (tokens, score, match_len). See SuffixTree.draft."""
+    """Returns (tokens, score, match_len, per-token count ratios). See
+    SuffixTree.draft."""
     n_ctx = ctx.shape[0]
     out = np.empty(max(max_tokens, 1), np.int32)
+    pout = np.empty(max(max_tokens, 1), np.float64)
     L, node, j = _match(n32, n64, hk, hv, ar, sq, ctx, n_ctx, max_depth, True)
     if L == 0 or max_tokens <= 0:
-        return out[:0], 0.0, L
+        return out[:0], 0.0, L, pout[:0]
     nb = min(max_depth - 1, n_ctx)
     buf = np.empty(nb + max_tokens, np.int32)
     buf[:nb] = ctx[n_ctx - nb:]
     capf = min(float(max_tokens), math.floor(L * factor + offset))
     cap = int(capf) if capf > 0 else 0
     n, score, by_prob = _greedy(n32, n64, hk, hv, ar, sq, op, buf, nb, node, j,
-                                cap, min_prob, live_q, max_depth, out)
+                                cap, min_prob, live_q, max_depth, out, pout)
     best_n = n
     best_score = score
     best_L = L
@@ -588,6 +593,7 @@ def _draft(n32, n64, hk, hv, ar, sq, op, ctx, max_tokens, factor, offset,
         # occurrences and may have a confident continuation: try L/2, L/4,
         # ... and keep the best-scoring non-empty draft.
         out2 = np.empty(max_tokens, np.int32)
+        pout2 = np.empty(max_tokens, np.float64)
         Ls = L // 2
         while Ls >= 1:
             node2, j2 = _walk(n32, n64, hk, hv, ar, sq, ctx, n_ctx - Ls, n_ctx,
@@ -595,14 +601,15 @@ def _draft(n32, n64, hk, hv, ar, sq, op, ctx, max_tokens, factor, offset,
             capf = min(float(max_tokens), math.floor(Ls * factor + offset))
             cap2 = int(capf) if capf > 0 else 0
             n2, s2, _bp = _greedy(n32, n64, hk, hv, ar, sq, op, buf, nb, node2,
-                                  j2, cap2, min_prob, live_q, max_depth, out2)
+                                  j2, cap2, min_prob, live_q, max_depth, out2, pout2)
             if n2 > 0 and s2 > best_score:
                 best_n = n2
                 best_score = s2
                 best_L = Ls
                 out[:n2] = out2[:n2]
+                pout[:n2] = pout2[:n2]
             Ls //= 2
-    return out[:best_n].copy(), best_score, best_L
+    return out[:best_n].copy(), best_score, best_L, pout[:best_n].copy()
 
 
 # ===================================================================== Python
@@ -830,7 +837,7 @@ class SuffixTree:
         expected number of accepted tokens, match_len of the used suffix).
         """
         live_q = -1 if live_seq_id is None else self._slot_of.get(live_seq_id, -1)
-        toks, score, L = _draft(self._n32, self._n64, self._hk, self._hv, self._ar,
+        toks, score, L, _p = _draft(self._n32, self._n64, self._hk, self._hv, self._ar,
                                 self._sq, self._op, _as_i32(context), int(max_tokens),
                                 float(max_spec_factor), float(max_spec_offset),
                                 float(min_token_prob), live_q, self.max_depth)
@@ -962,6 +969,23 @@ def _as_i32(x) -> np.ndarray:
 from vllm_spec_plugins.config import SuffixTreeConfig  # noqa: E402
 
 
+_NO_TOKENS = np.zeros(0, np.int32)
+_NO_PROBS = np.zeros(0, np.float64)
+#: Upper ends of the match-length buckets of the calibration strata.
+_MATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
+#: Strata used: (len(_MATCH_BUCKETS) + 1) match buckets x 2 tries.
+SUFFIX_STRATA = 2 * (len(_MATCH_BUCKETS) + 1)
+
+
+def suffix_stratum(match_len: int, source: int) -> int:
+    """Calibration stratum of a suffix-tree draft: match-length bucket
+    (1, 2, 3-4, 5-8, 9-16, 17-32, 33+) x trie (0 own, 1 global)."""
+    b = 0
+    while b < len(_MATCH_BUCKETS) and match_len > _MATCH_BUCKETS[b]:
+        b += 1
+    return 2 * b + (1 if source else 0)
+
+
 # =================================================================== proposer
 class _Request:
     """Per-request state of :class:`SuffixTreeProposer` (what ``start_request``
@@ -1020,25 +1044,45 @@ class SuffixTreeProposer(Proposer):
         expected accepted tokens, match_len = length of the context suffix
         the draft continues). ``([], 0.0, 0)`` for no state (None) or a
         finished request."""
+        toks, score, L, _probs, _src = self.draft_row(state, context, max_tokens)
+        return toks.tolist(), score, L
+
+    def propose_scored_batch(self, batch: Sequence[tuple[Optional[_Request], np.ndarray, int]],
+                             price: Optional[float] = None) -> list[ScoredDraft]:
+        """Each row's draft with its tokens' count ratios (the probability of
+        each token given the ones before it, by the trie's counts) and a
+        calibration stratum: which trie drafted (the request's own or the
+        global one) x how long the matched suffix was. Count ratios of a
+        short match are overconfident and of a long one under-confident;
+        the draft budget learns each stratum's real acceptance."""
+        out = []
+        for state, ctx, k in batch:
+            toks, _score, L, probs, src = self.draft_row(state, ctx, k)
+            out.append(ScoredDraft(toks.tolist(), probs.tolist(),
+                                   suffix_stratum(L, src) if len(toks) else 0))
+        return out
+
+    def draft_row(self, state: Optional[_Request], context: np.ndarray, max_tokens: int):
+        """(tokens int32, score, match_len, count ratios, source 0 = own trie / 1 = global)."""
         k = min(int(max_tokens), self.num_speculative_tokens)
         if state is None or state.tree is None or k <= 0:
-            return [], 0.0, 0
+            return _NO_TOKENS, 0.0, 0, _NO_PROBS, 0
         cfg = self.config
         ctx = context if (isinstance(context, np.ndarray) and context.dtype == np.int32
                           and context.ndim == 1) else _as_i32(context)
         t = state.tree
-        toks, score, L = _draft(t._n32, t._n64, t._hk, t._hv, t._ar, t._sq, t._op,
-                                ctx, k, cfg.max_spec_factor, cfg.max_spec_offset,
-                                cfg.min_token_prob, state.slot, self._depth)
+        toks, score, L, probs = _draft(t._n32, t._n64, t._hk, t._hv, t._ar, t._sq, t._op,
+                                       ctx, k, cfg.max_spec_factor, cfg.max_spec_offset,
+                                       cfg.min_token_prob, state.slot, self._depth)
         g = self._global
         if cfg.use_global_cache and g._slot_of:
-            gtoks, gscore, gL = _draft(g._n32, g._n64, g._hk, g._hv, g._ar, g._sq,
-                                       g._op, ctx, k, cfg.max_spec_factor,
-                                       cfg.max_spec_offset, cfg.min_token_prob, -1,
-                                       self._depth)
+            gtoks, gscore, gL, gprobs = _draft(g._n32, g._n64, g._hk, g._hv, g._ar, g._sq,
+                                               g._op, ctx, k, cfg.max_spec_factor,
+                                               cfg.max_spec_offset, cfg.min_token_prob, -1,
+                                               self._depth)
             if gscore > score:
-                return gtoks.tolist(), float(gscore), int(gL)
-        return toks.tolist(), float(score), int(L)
+                return gtoks, float(gscore), int(gL), gprobs, 1
+        return toks, float(score), int(L), probs, 0
 
     def finish_request(self, state: Optional[_Request], aborted: bool = False) -> None:
         """Cache the request's response in the global trie and drop its own

@@ -53,7 +53,7 @@ from numba import njit
 
 from vllm_spec_plugins.config import TokenRecyclingConfig
 
-from .base import Proposer, RequestState, save_npz_atomic
+from .base import Proposer, RequestState, ScoredDraft, save_npz_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -263,8 +263,9 @@ def _best_node(par, pp, n, min_prob, gain):
 
 @njit(cache=True, nogil=True)
 def _propose_rows(ids, probs, row_hits, row_trials, cal_rate, row_prior, roots, caps,
-                  breadth, max_nodes, min_prob, out, lens, tok, par, dep, pp, gain):
-    """Build the tree and write the best chain for each row (one call per step)."""
+                  breadth, max_nodes, min_prob, out, out_p, lens, tok, par, dep, pp, gain):
+    """Build the tree and write the best chain for each row (one call per step),
+    with each token's probability given its parent (``out_p``)."""
     for b in range(roots.shape[0]):
         lens[b] = 0
         if caps[b] <= 0 or roots[b] < 0:
@@ -277,6 +278,8 @@ def _propose_rows(ids, probs, row_hits, row_trials, cal_rate, row_prior, roots, 
         while v > 0:
             L -= 1
             out[b, L] = tok[v]
+            q = pp[par[v]]
+            out_p[b, L] = pp[v] / q if q > 0.0 else pp[v]
             v = par[v]
 
 
@@ -744,6 +747,18 @@ class TokenRecyclingProposer(Proposer):
         """Drafts for every row. ``step_rows``: rows the engine verifies this
         step (default ``len(batch)``; the hybrid passes the full step when it
         hands over only some rows), which sets :meth:`draft_threshold`."""
+        threshold = self.draft_threshold(len(batch) if step_rows is None else step_rows)
+        return [d.tokens for d in self._propose(batch, threshold)]
+
+    def propose_scored_batch(self, batch: Sequence[tuple[RequestState, np.ndarray, int]],
+                             price: Optional[float] = None) -> list[ScoredDraft]:
+        """Each row's best chain with its tokens' calibrated probabilities
+        (given the tokens before). The chain is chosen with ``price`` (the
+        shared draft budget's, when it has one) as the cost of a token."""
+        threshold = self.draft_threshold(len(batch)) if price is None else float(price)
+        return self._propose(batch, threshold)
+
+    def _propose(self, batch, threshold: float) -> list[ScoredDraft]:
         nb = len(batch)
         roots = np.empty(nb, np.int64)
         caps = np.empty(nb, np.int64)
@@ -753,16 +768,17 @@ class TokenRecyclingProposer(Proposer):
             caps[i] = k if k < cap_all else cap_all
         width = int(caps.max()) if nb else 0
         if width <= 0:
-            return [[] for _ in range(nb)]
+            return [ScoredDraft([], []) for _ in range(nb)]
         out = np.empty((nb, width), np.int32)
+        out_p = np.empty((nb, width), np.float64)
         lens = np.empty(nb, np.int64)
         m = self.matrix
-        threshold = self.draft_threshold(nb if step_rows is None else step_rows)
         _propose_rows(m.ids, m.probs, m.row_hits, m.row_trials,
                       _cal_rates(m, self._calibrate), _ROW_PRIOR, roots, caps, self._breadth,
-                      self._max_nodes, threshold, out, lens, self._tok, self._par,
+                      self._max_nodes, threshold, out, out_p, lens, self._tok, self._par,
                       self._dep, self._pp, self._gain)
-        return [out[i, :lens[i]].tolist() for i in range(nb)]
+        return [ScoredDraft(out[i, :lens[i]].tolist(), out_p[i, :lens[i]].tolist())
+                for i in range(nb)]
 
     # --------------------------------------------------------- persistence
     def save_state(self) -> bool:

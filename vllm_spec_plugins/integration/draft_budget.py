@@ -1,0 +1,209 @@
+"""The draft budget every proposer shares: draft a token only where it pays.
+
+Verifying a drafted token costs step time; it pays back only if it is
+accepted. ``StepCostModel`` (proposers/step_cost.py) measures on the running
+engine what one more verified token costs and turns it into a *price*: the
+acceptance probability a token needs so that the step's tokens per second
+go up, for a step of the batch at hand (a bigger batch leaves less idle
+compute, so the price rises with it).
+
+Each proposer returns its draft with an estimate per token
+(``ScoredDraft``: the probability a token is accepted given that the ones
+before it were). Estimates are not probabilities yet: a suffix-tree count
+ratio over two occurrences says 1.0 and is right far less often; one over a
+long match says 0.6 and is right more often. :class:`AcceptanceCalibrator`
+learns, online, what the engine really accepts for each kind of evidence
+(the proposer's ``stratum``) and estimate bin, and corrects the estimates.
+
+:class:`DraftBudget` then keeps, per row, the longest prefix whose tokens'
+cumulative calibrated probability (the chance the token is reached *and*
+accepted, i.e. its expected contribution) is at least the price: each kept
+token adds more expected output than it costs. With no pay-off anywhere the
+step drafts nothing, which costs what a step without speculation costs.
+
+One step in ``explore_every`` cuts at the configured fallback price on the
+raw estimates instead, so the cost fit keeps seeing steps with drafts and
+the calibration keeps seeing tokens the budget would otherwise never send.
+
+Plain Python and numpy; no vLLM imports (the drafter feeds it).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from vllm_spec_plugins.proposers.base import ScoredDraft
+
+#: Estimate bins of the calibration curve (equal width over [0, 1]).
+N_BINS = 10
+#: Strata a proposer may use (``ScoredDraft.stratum`` is clamped to this).
+MAX_STRATA = 64
+#: Decay the evidence once per this many observed tokens (cheap and smooth enough).
+_DECAY_BATCH = 256
+
+
+class AcceptanceCalibrator:
+    """Observed acceptance per (stratum, estimate bin), with the proposer's own
+    estimate as the prior: ``(hits + w * p) / (trials + w)``."""
+
+    def __init__(self, prior_weight: float = 8.0, half_life_tokens: int = 4096) -> None:
+        self.prior_weight = float(prior_weight)
+        self._decay = 0.5 ** (_DECAY_BATCH / float(half_life_tokens))
+        self.hits = np.zeros((MAX_STRATA, N_BINS))
+        self.trials = np.zeros((MAX_STRATA, N_BINS))
+        self.observed_tokens = 0
+        self._since_decay = 0
+
+    @staticmethod
+    def _bin(p: float) -> int:
+        b = int(p * N_BINS)
+        return N_BINS - 1 if b >= N_BINS else (0 if b < 0 else b)
+
+    def calibrated(self, stratum: int, probs: Sequence[float]) -> list[float]:
+        w = self.prior_weight
+        h, t = self.hits[stratum], self.trials[stratum]
+        out = []
+        for p in probs:
+            b = self._bin(p)
+            out.append((h[b] + w * p) / (t[b] + w))
+        return out
+
+    def observe(self, stratum: int, probs: Sequence[float], verified: int,
+                accepted: int) -> None:
+        """``verified`` of the draft's tokens were verified and the first
+        ``accepted`` of them accepted: token i was tried iff all before it
+        were accepted (i <= accepted) and hit iff i < accepted."""
+        n = min(len(probs), verified, accepted + 1)
+        if n <= 0:
+            return
+        h, t = self.hits[stratum], self.trials[stratum]
+        for i in range(n):
+            b = self._bin(probs[i])
+            t[b] += 1.0
+            if i < accepted:
+                h[b] += 1.0
+        self.observed_tokens += n
+        self._since_decay += n
+        if self._since_decay >= _DECAY_BATCH:
+            self._since_decay = 0
+            self.hits *= self._decay
+            self.trials *= self._decay
+
+    def curve(self) -> dict[int, list[tuple[float, float, float]]]:
+        """{stratum: [(bin low end, evidence, observed rate)]} for bins with evidence."""
+        out: dict[int, list[tuple[float, float, float]]] = {}
+        for s in np.nonzero(self.trials.sum(axis=1) >= 1.0)[0]:
+            rows = []
+            for b in range(N_BINS):
+                t = self.trials[s, b]
+                if t >= 1.0:
+                    rows.append((b / N_BINS, round(float(t), 1),
+                                 round(float(self.hits[s, b] / t), 3)))
+            out[int(s)] = rows
+        return out
+
+
+class DraftRecord:
+    """What was sent for one row, kept until the engine says what it accepted."""
+
+    __slots__ = ("stratum", "probs", "expected")
+
+    def __init__(self, stratum: int, probs: list[float], expected: float) -> None:
+        self.stratum = stratum
+        self.probs = probs
+        self.expected = expected  # calibrated expected accepted tokens
+
+
+class DraftBudget:
+    """Cuts each row's draft where one more token no longer pays (module note)."""
+
+    def __init__(self, config, cost_model) -> None:
+        self.config = config
+        self.enabled = bool(config.enabled)
+        self.cost_model = cost_model
+        self.calibrator = AcceptanceCalibrator(config.prior_weight, config.half_life_tokens)
+        self._steps = 0
+        self.last_price: Optional[float] = None
+        self.stats = {"steps": 0, "explore_steps": 0, "measured_price_steps": 0,
+                      "rows": 0, "rows_cut": 0, "rows_emptied": 0,
+                      "proposed_tokens": 0, "kept_tokens": 0, "tokens_saved": 0,
+                      "verified_rows": 0, "expected_accepted": 0.0, "accepted_tokens": 0}
+
+    # -- per step ------------------------------------------------------------
+    def fallback_price(self, rows: int) -> float:
+        c = self.config
+        return min(0.95, c.fallback_price * (1.0 + c.fallback_rows_slope * (max(1, rows) - 1)))
+
+    def step_price(self, rows: int) -> tuple[float, bool]:
+        """(price of a drafted token this step, whether this is an explore step)."""
+        self._steps += 1
+        self.stats["steps"] += 1
+        every = int(self.config.explore_every)
+        if every and self._steps % every == 0:
+            self.stats["explore_steps"] += 1
+            price = self.fallback_price(rows)
+            self.last_price = price
+            return price, True
+        measured = self.cost_model.token_price(rows) if self.cost_model is not None else None
+        if measured is not None:
+            self.stats["measured_price_steps"] += 1
+            price = measured
+        else:
+            price = self.fallback_price(rows)
+        self.last_price = price
+        return price, False
+
+    def cut(self, draft: ScoredDraft, price: float, explore: bool = False,
+            max_tokens: Optional[int] = None) -> tuple[list[int], Optional[DraftRecord]]:
+        """The prefix of ``draft`` worth verifying, and what to remember of it."""
+        tokens = draft.tokens if max_tokens is None else draft.tokens[:max_tokens]
+        n_in = len(tokens)
+        if n_in == 0:
+            return [], None
+        raw = draft.probs
+        raw = [1.0] * n_in if raw is None else [min(1.0, max(0.0, float(p)))
+                                               for p in raw[:n_in]]
+        stratum = min(max(int(draft.stratum), 0), MAX_STRATA - 1)
+        use_cal = self.config.calibrate and not explore
+        est = self.calibrator.calibrated(stratum, raw) if use_cal else raw
+        n, q, expected = 0, 1.0, 0.0
+        for p in est:
+            q *= p
+            if self.enabled and q < price:
+                break
+            expected += q
+            n += 1
+        st = self.stats
+        st["rows"] += 1
+        st["proposed_tokens"] += n_in
+        st["kept_tokens"] += n
+        if n < n_in:
+            st["rows_cut"] += 1
+            st["tokens_saved"] += n_in - n
+            if n == 0:
+                st["rows_emptied"] += 1
+        if n == 0:
+            return [], None
+        return tokens[:n], DraftRecord(stratum, raw[:n], expected)
+
+    def observe(self, record: DraftRecord, verified: int, accepted: int) -> None:
+        """The engine verified ``verified`` of the row's drafted tokens and
+        accepted the first ``accepted``."""
+        if verified <= 0:
+            return  # not scheduled (preempted, or the scheduler dropped the drafts)
+        accepted = max(0, min(int(accepted), verified, len(record.probs)))
+        self.calibrator.observe(record.stratum, record.probs, verified, accepted)
+        st = self.stats
+        st["verified_rows"] += 1
+        st["expected_accepted"] += record.expected
+        st["accepted_tokens"] += accepted
+
+    def snapshot(self) -> dict[str, object]:
+        st = dict(self.stats)
+        st["expected_accepted"] = round(st["expected_accepted"], 1)
+        st["enabled"] = self.enabled
+        st["price"] = None if self.last_price is None else round(self.last_price, 4)
+        st["calibration"] = self.calibrator.curve()
+        return st
