@@ -116,10 +116,13 @@ REPEAT_PROMPT = "the cat sat on the mat. the cat sat on the mat. the cat"
 
 
 def _set_global_cache(worker, on: bool) -> bool:
-    """For collective_rpc: switch the suffix tree's global cache; returns the old value."""
-    proposer = worker.model_runner.drafter.proposer
+    """For collective_rpc: switch the suffix tree's global cache and the draft
+    budget (both learn from every request); returns the old cache setting."""
+    drafter = worker.model_runner.drafter
+    proposer = drafter.proposer
     old = proposer.config.use_global_cache
     proposer.config.use_global_cache = on
+    drafter.budget.enabled = on
     return old
 
 
@@ -147,8 +150,9 @@ def test_random_sampling_lengths_and_drafts_accepted(llm):
 
 @_SAMPLER_BROKEN
 def test_seeded_sampling_is_reproducible(llm):
-    """The same per-request seeds give the same tokens. The global cache is off
-    for this test: with it, run 1's outputs change run 2's drafts, and a different
+    """The same per-request seeds give the same tokens. The global cache and the
+    draft budget are off for this test: with them, run 1 changes run 2's drafts
+    (cached responses; the budget's calibration and price), and a different
     draft consumes the request's random stream differently (one accept/reject draw
     per draft token), so only the distribution, not the tokens, would repeat."""
     prompts = [REPEAT_PROMPT, REPEAT_PROMPT, "Write a haiku about the sea."]
@@ -225,3 +229,22 @@ def test_sampled_tokens_follow_the_model_distribution(llm):
     eps = math.sqrt((k_cats * math.log(2) + math.log(1 / delta_)) / (2 * m))
     report = {tok.decode([t]): (c, round(p * m, 1)) for t, c, p in zip(cats, counts, p_true)}
     assert tv < eps, f"TV {tv:.3f} >= {eps:.3f}; (sampled, expected) per digit: {report}"
+
+
+def test_draft_budget_learns_from_what_the_engine_accepted(llm, baseline_outputs):
+    """The budget's feedback path on the real engine: what it records as
+    accepted is what vLLM counted (less the drafts of each request's last
+    step, which no later step reports), and its calibration curve fills."""
+    prompts, _ = baseline_outputs
+    before_state = settled_drafter_state(llm)["draft_budget"]
+    before = spec_counters(llm)
+    llm.generate(prompts, GREEDY, use_tqdm=False)
+    after = spec_counters(llm)
+    state = settled_drafter_state(llm)["draft_budget"]
+    vllm_accepted = delta(after, before, "accepted_tokens")
+    ours = state["accepted_tokens"] - before_state["accepted_tokens"]
+    assert vllm_accepted > 0
+    assert 0.8 * vllm_accepted <= ours <= vllm_accepted, (ours, vllm_accepted)
+    assert state["verified_rows"] > before_state["verified_rows"]
+    assert state["calibration"] and state["price"] is not None
+    assert state["kept_tokens"] <= state["proposed_tokens"]
