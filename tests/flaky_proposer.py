@@ -34,3 +34,17 @@ class FlakyProposer(SuffixTreeProposer):
             self.calls += 1
             raise RuntimeError("injected batch failure")
         return [self.propose(s, c, k) for s, c, k in batch]
+
+    def propose_scored_batch(self, batch, price=None):
+        # The drafter's entry point: the same failures (a whole batch every other
+        # step, then every third row on the drafter's row-by-row retry).
+        if len(batch) > 1 and self.calls % 2 == 1:
+            self.calls += 1
+            raise RuntimeError("injected batch failure")
+        out = []
+        for row in batch:
+            self.calls += 1
+            if self.calls % 3 == 0:
+                raise RuntimeError("injected failure in propose")
+            out.append(super().propose_scored_batch([row], price)[0])
+        return out
