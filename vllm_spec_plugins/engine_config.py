@@ -65,26 +65,30 @@ def check_num_speculative_tokens(k: Any) -> int:
 BUDGET_FIELD = "draft_budget"
 
 
+def _settings_object(model_cls: Any, raw: Any, where: str, example: str) -> Any:
+    """``model_cls(**raw)``, or a PluginConfigError naming ``where.<field>``."""
+    from pydantic import ValidationError
+
+    if not isinstance(raw, dict):
+        raise PluginConfigError(f"{where} must be a JSON object (e.g. {example}; {{}} = defaults)")
+    try:
+        return model_cls(**raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err.get("loc", ())) or "?"
+        raise PluginConfigError(f"{where}.{field}: {err.get('msg')}") from None
+
+
 def draft_budget_config(settings: Optional[dict]) -> Any:
     """The validated ``additional_config.spec_plugins.draft_budget`` (defaults
     if absent)."""
-    from pydantic import ValidationError
-
     from vllm_spec_plugins.config import DraftBudgetConfig
 
     raw = (settings or {}).get(BUDGET_FIELD) if isinstance(settings, dict) else None
     if raw is None:
         return DraftBudgetConfig()
-    if not isinstance(raw, dict):
-        raise PluginConfigError(f"additional_config.{CONFIG_KEY}.{BUDGET_FIELD} must be a "
-                                'JSON object (e.g. {"enabled": false}; {} = defaults)')
-    try:
-        return DraftBudgetConfig(**raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(x) for x in err.get("loc", ())) or "?"
-        raise PluginConfigError(f"additional_config.{CONFIG_KEY}.{BUDGET_FIELD}.{field}: "
-                                f"{err.get('msg')}") from None
+    return _settings_object(DraftBudgetConfig, raw, f"additional_config.{CONFIG_KEY}.{BUDGET_FIELD}",
+                            '{"enabled": false}')
 
 
 def sharing_config(additional_config: Optional[dict]) -> Any:
@@ -92,20 +96,10 @@ def sharing_config(additional_config: Optional[dict]) -> Any:
     raw = (additional_config or {}).get(SHARING_KEY)
     if raw is None:
         return None
-    from pydantic import ValidationError
-
     from vllm_spec_plugins.config import SharingConfig
 
-    if not isinstance(raw, dict):
-        raise PluginConfigError(f"additional_config.{SHARING_KEY} must be a JSON object "
-                                '(e.g. {"hub": "my-hub"}; {} = defaults)')
-    try:
-        return SharingConfig(**raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(x) for x in err.get("loc", ())) or "?"
-        raise PluginConfigError(f"additional_config.{SHARING_KEY}.{field}: "
-                                f"{err.get('msg')}") from None
+    return _settings_object(SharingConfig, raw, f"additional_config.{SHARING_KEY}",
+                            '{"hub": "my-hub"}')
 
 
 def engine_kwargs(method: str, num_speculative_tokens: int = 8,
