@@ -107,6 +107,27 @@ def test_busy_proposer_costs_drafts_not_waiting():
     assert dict((f[0], f[1]) for f in p.finished)["a"] == periodic(60)[20:]
 
 
+def test_idle_step_with_busy_proposer_releases_in_the_background():
+    """The engine's last step before idling finds the proposer busy: no step
+    follows, so the release is handed to the background thread, not left
+    waiting for the next request."""
+    d, p = make()
+    r = StandInRunner(d)
+    r.add(StandInRequest("a", periodic(20), periodic(40)[20:]))
+    while r.rows:
+        r.step()
+    lock = d.background.proposer_lock
+    assert lock.acquire(blocking=False)  # as a merge or a save would
+    try:
+        r.step()  # the idle step: finished ids, nothing scheduled
+        assert p.finished == []
+    finally:
+        lock.release()
+    d.background.submit(lambda: None).result(timeout=10)  # jobs run in order
+    assert [f[0] for f in p.finished] == ["a"]
+    assert d.snapshot()["tracked_requests"] == 0
+
+
 @pytest.mark.parametrize("fail_on", ["start", "propose", "tokens"])
 def test_failing_request_costs_its_drafts_only(fail_on, caplog):
     d, p = make({"fail_on": fail_on})

@@ -198,3 +198,43 @@ def test_hub_client_start_failure_is_logged_and_retried_later(monkeypatch, caplo
     client.tick(lambda: None)  # after retry_s: tries again (and fails again)
     client._connecting.join(5)
     assert client.stats["sync_errors"] == 2
+
+
+class _SharingProposer:
+    def __init__(self):
+        self.exports = 0
+
+    def enable_sharing(self):
+        pass
+
+    def export_shared(self):
+        self.exports += 1
+        return {"learnt": self.exports}
+
+    def import_shared(self, payload):
+        pass
+
+
+def test_idle_push_with_busy_proposer_runs_after_the_busy_job(monkeypatch):
+    # The idle step is the last one an engine runs until its next request: a
+    # push it cannot do (a merge holds the proposer) must not wait for that.
+    from vllm_spec_plugins.integration.background import BackgroundWork
+    from vllm_spec_plugins.integration.replica_sharing import ReplicaSharing
+    from vllm_spec_plugins.sharing import HubClient
+
+    hub = _FakeHub()
+    client = HubClient(SharingConfig(interval_s=60), replica="A")
+    monkeypatch.setattr(client, "_connect", lambda: hub)
+    background = BackgroundWork()
+    sharing = ReplicaSharing(client, _SharingProposer(), background)
+    client._connecting.join(5)
+    sharing.tick()  # connected: the first tick pushes
+    assert client.stats["pushed"] == 1
+    with background.proposer_lock:
+        sharing.tick()            # a busy step, not idle: skipped, no job
+        sharing.tick(force=True)  # the idle step: handed to the background
+        assert client.stats["pushed"] == 1
+    background.submit(lambda: None).result(timeout=10)
+    assert client.stats["pushed"] == 2
+    assert ("push", ("A", {"learnt": 2})) in hub.calls
+    background.shutdown()

@@ -57,7 +57,9 @@ class StandInRunner:
     def step(self, budget: int = 0) -> list[list[int]]:
         t0 = time.perf_counter()
         sched = SimpleNamespace(
-            finished_req_ids=set(self.finished), total_num_scheduled_tokens=max(1, len(self.rows)),
+            finished_req_ids=set(self.finished),
+            # vLLM's last step before going idle schedules nothing (0 tokens).
+            total_num_scheduled_tokens=len(self.rows),
             scheduled_new_reqs=(), num_spec_tokens_to_schedule=budget,
             num_scheduled_tokens={r.req_id: 1 + len(self.drafts.get(r.req_id, ())) for r in self.rows},
             scheduled_spec_decode_tokens={r.req_id: self.drafts.get(r.req_id, []) for r in self.rows})

@@ -108,16 +108,21 @@ class PluginDrafter:
         self._verifying = getattr(scheduler_output, "scheduled_spec_decode_tokens", None) or {}
         for req_id in getattr(scheduler_output, "finished_req_ids", None) or ():
             self.requests.finish(req_id)
+        # A step with nothing scheduled is the engine going idle: no further
+        # step comes, so what this one cannot do now goes to the background.
+        idle = not getattr(scheduler_output, "total_num_scheduled_tokens", 1)
         lock = self.background.proposer_lock
-        if len(self.requests) and lock.acquire(blocking=False):
-            try:
-                self._release_deferred()
-            finally:
-                lock.release()
+        if len(self.requests):
+            if lock.acquire(blocking=False):
+                try:
+                    self._release_deferred()
+                finally:
+                    lock.release()
+            elif idle:
+                self.background.submit_locked("releasing finished requests",
+                                              self._release_deferred)
         if self.sharing is not None:
-            # A step with nothing scheduled is the engine going idle: push
-            # what the last requests taught now, not next time.
-            idle = not getattr(scheduler_output, "total_num_scheduled_tokens", 1)
+            # Idle: push what the last requests taught now, not next time.
             self.sharing.tick(force=idle)
 
     def on_draft_call(self, runner: Any, scheduler_output: Any) -> None:

@@ -52,10 +52,20 @@ class ReplicaSharing:
         client.start()  # connected before the first request arrives
 
     def tick(self, force: bool = False) -> None:
-        """From the step thread: push/pull if due; never waits on Ray or the lock."""
+        """From the step thread: push/pull if due; never waits on Ray or the lock.
+        ``force`` is the engine going idle: no further step will come, so a
+        push the busy lock prevents is handed to the background thread."""
         lock = self.background.proposer_lock
         if not lock.acquire(blocking=False):
-            return  # a background job holds the proposer: next step
+            if force:  # a background job holds the proposer: push right after it
+                self.background.submit_locked("pushing shared state", self._tick_locked, True)
+            return
+        try:
+            self._tick_locked(force)
+        finally:
+            lock.release()
+
+    def _tick_locked(self, force: bool) -> None:
         try:
             payloads = self.client.tick(self.proposer.export_shared, force=force)
         except Exception:  # noqa: BLE001
@@ -63,8 +73,6 @@ class ReplicaSharing:
             logger.warning("vllm-spec-plugins: sharing failed (drafting goes on from the "
                            "local cache):\n%s", traceback.format_exc())
             return
-        finally:
-            lock.release()
         if payloads:
             self.background.submit_locked("merging shared state", self._merge, payloads,
                                           after=self._after)
