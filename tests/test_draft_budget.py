@@ -46,7 +46,25 @@ def test_calibration_learns_the_real_acceptance_per_stratum():
         cal.observe(5, [0.5], verified=1, accepted=int(rng.random() < 0.9))
     assert cal.calibrated(3, [1.0])[0] == pytest.approx(0.3, abs=0.05)
     assert cal.calibrated(5, [0.5])[0] == pytest.approx(0.9, abs=0.05)
-    assert cal.calibrated(7, [0.42]) == [pytest.approx(0.42)]  # no evidence: the estimate
+    # Overall, accepted tokens per estimated one: (600 + 1800) / (2000 + 1000).
+    overall = cal.stratum_ratio(7)
+    assert overall == pytest.approx(2400 / 3000, abs=0.02)
+    # A stratum without evidence: the estimate scaled by what every stratum did.
+    assert cal.calibrated(7, [0.42])[0] == pytest.approx(0.42 * overall)
+    assert AcceptanceCalibrator().calibrated(7, [0.42]) == [pytest.approx(0.42)]
+
+
+def test_an_overconfident_stratum_is_discounted_in_bins_it_was_never_seen_in():
+    # A one-token suffix match says 0.95 and is right 10% of the time: its
+    # 0.6 estimates (never observed yet) are discounted too, not trusted as 0.6.
+    cal = AcceptanceCalibrator(prior_weight=8, half_life_tokens=10**6)
+    rng = random.Random(1)
+    for _ in range(500):
+        cal.observe(0, [0.95], verified=1, accepted=int(rng.random() < 0.1))
+    for _ in range(500):
+        cal.observe(9, [0.95], verified=1, accepted=int(rng.random() < 0.95))
+    assert cal.calibrated(0, [0.6])[0] < 0.15
+    assert cal.calibrated(9, [0.6])[0] == pytest.approx(0.6, abs=0.05)
 
 
 def test_observe_counts_a_token_only_where_it_was_tried():
@@ -69,9 +87,9 @@ def test_old_evidence_fades():
 
 # ----------------------------------------------------------------------- cut
 def test_cut_keeps_tokens_whose_expected_gain_beats_the_price():
-    b = budget(0.5, calibrate=False, explore_every=0)
-    price, explore = b.step_price(1)
-    assert (price, explore) == (0.5, False)
+    b = budget(0.5, calibrate=False)
+    price = b.step_price(1)
+    assert price == 0.5
     toks, rec = b.cut(ScoredDraft([1, 2, 3, 4], [0.9, 0.9, 0.5, 1.0]), price)
     assert toks == [1, 2]  # cumulative 0.9, 0.81, then 0.405 < 0.5
     assert rec.expected == pytest.approx(0.9 + 0.81)
@@ -82,13 +100,13 @@ def test_cut_keeps_tokens_whose_expected_gain_beats_the_price():
 
 def test_disabled_budget_passes_drafts_through_up_to_k():
     b = budget(0.9, enabled=False)
-    price, explore = b.step_price(32)
-    toks, _ = b.cut(ScoredDraft([1, 2, 3, 4], [0.1, 0.1, 0.1, 0.1]), price, explore, 3)
+    price = b.step_price(32)
+    toks, _ = b.cut(ScoredDraft([1, 2, 3, 4], [0.1, 0.1, 0.1, 0.1]), price, 3)
     assert toks == [1, 2, 3]
 
 
 def test_no_estimate_is_learnt_per_position():
-    b = budget(0.5, explore_every=0)
+    b = budget(0.5)
     assert b.cut(ScoredDraft([1, 2]), 0.5)[0] == [1, 2]  # no evidence: taken as certain
     for _ in range(300):  # nothing this proposer drafts is ever accepted
         _, rec = b.cut(ScoredDraft([1, 2]), 0.5)
@@ -98,22 +116,26 @@ def test_no_estimate_is_learnt_per_position():
     assert b.cut(ScoredDraft([1, 2]), 0.5)[0] == []
 
 
-def test_price_is_measured_when_known_and_explore_steps_use_the_fallback():
-    b = budget(0.6, fallback_price=0.1, fallback_rows_slope=0.5, explore_every=4)
-    got = [b.step_price(3) for _ in range(8)]
-    assert got.count((0.6, False)) == 6
-    assert got[3] == got[7] == (pytest.approx(0.2), True)  # 0.1 * (1 + 0.5 * 2)
-    unmeasured = budget(None, fallback_price=0.1, fallback_rows_slope=0.25, explore_every=0)
-    assert unmeasured.step_price(1) == (pytest.approx(0.1), False)
-    assert unmeasured.step_price(200)[0] == pytest.approx(0.95)  # capped
+def test_price_is_measured_when_known_else_the_fallback():
+    b = budget(0.6, fallback_price=0.1, fallback_rows_slope=0.5)
+    assert [b.step_price(3) for _ in range(4)] == [0.6] * 4
+    unmeasured = budget(None, fallback_price=0.1, fallback_rows_slope=0.5)
+    assert unmeasured.step_price(3) == pytest.approx(0.2)  # 0.1 * (1 + 0.5 * 2)
+    assert unmeasured.step_price(200) == pytest.approx(0.95)  # capped
 
 
-def test_explore_step_cuts_on_the_raw_estimate():
-    b = budget(0.9, explore_every=0)
-    for _ in range(500):
-        b.observe(b.cut(ScoredDraft([5], [0.99], 2), 0.0)[1], 1, 0)
-    assert b.cut(ScoredDraft([5], [0.99], 2), 0.5)[0] == []          # calibrated: hopeless
-    assert b.cut(ScoredDraft([5], [0.99], 2), 0.5, explore=True)[0] == [5]  # raw
+def test_optimism_tries_rare_evidence_and_drops_evidence_known_to_fail():
+    b = budget(0.5, optimism=1.0, prior_weight=8)
+    rare = ScoredDraft([5], [0.45], 2)  # no evidence: 0.45 + 1 sd of it (n = 8) > 0.5
+    assert b.cut(rare, 0.5)[0] == [5]
+    assert budget(0.5, optimism=0.0).cut(rare, 0.5)[0] == []
+    for _ in range(300):  # stratum 3 is always rejected
+        b.calibrator.observe(3, [0.99], verified=1, accepted=0)
+    assert b.cut(ScoredDraft([5], [0.99], 3), 0.1)[0] == []
+    # the record keeps the honest (mean) expectation, not the optimistic one
+    fresh = budget(0.1, optimism=1.0)
+    _, rec = fresh.cut(ScoredDraft([5, 6], [0.6, 0.5], 7), 0.1)
+    assert rec.expected == pytest.approx(0.6 + 0.6 * 0.5)
 
 
 # -------------------------------------------------------------------- config
@@ -122,8 +144,8 @@ def test_budget_settings_are_validated_with_the_field_named():
     assert not draft_budget_config({"draft_budget": {"enabled": False}}).enabled
     with pytest.raises(PluginConfigError, match=r"spec_plugins\.draft_budget\.fallback_price"):
         resolve({"method": "suffix_tree", "draft_budget": {"fallback_price": 2}})
-    with pytest.raises(PluginConfigError, match=r"draft_budget\.explore"):
-        resolve({"method": "token_recycling", "draft_budget": {"explore": 3}})
+    with pytest.raises(PluginConfigError, match=r"draft_budget\.explore_every"):
+        resolve({"method": "token_recycling", "draft_budget": {"explore_every": 3}})
     with pytest.raises(PluginConfigError, match="must be a JSON object"):
         resolve({"method": "suffix_tree", "draft_budget": 0.5})
     method, _, cfg = resolve({"method": "suffix_tree", "draft_budget": {}})
@@ -167,10 +189,10 @@ def run_wrong_drafts(budget_settings):
 
 
 def test_budget_stops_drafts_that_never_pay():
-    d, drafted = run_wrong_drafts({"explore_every": 10})
+    d, drafted = run_wrong_drafts({})
     late = drafted[len(drafted) // 2:]
-    # only explore steps still draft (1 in 10); every other step drafts nothing
-    assert sum(1 for n in late if n) <= len(late) // 10 + 1
+    # the evidence is overwhelming by then: nothing is tried any more
+    assert sum(late) == 0, late
     snap = d.snapshot()["draft_budget"]
     assert snap["tokens_saved"] > 0 and snap["rows_emptied"] > 0
     assert snap["accepted_tokens"] == 0 and snap["verified_rows"] > 0
@@ -194,7 +216,7 @@ def test_budget_keeps_drafts_that_pay():
 
 
 def test_a_row_whose_drafts_were_not_scheduled_teaches_nothing():
-    d = make({"draft_budget": {"explore_every": 0}})
+    d = make()
     r = StandInRunner(d)
     r.add(StandInRequest("a", periodic(20), periodic(60)[20:]))
     r.step()

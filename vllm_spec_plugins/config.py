@@ -225,12 +225,13 @@ class DraftBudgetConfig(BaseModel):
                     "fallback_rows_slope per extra row in the step, at most 0.95.")
     fallback_rows_slope: float = Field(0.25, ge=0.0, le=10.0, allow_inf_nan=False,
                                        description="See fallback_price.")
-    explore_every: int = Field(
-        16, ge=0, le=100000,
-        description="One step in this many drafts at the fallback price "
-                    "(no calibrated cut), so the step-cost fit and the "
-                    "calibration keep seeing drafts even when the budget "
-                    "drafts little. 0 = never.")
+    optimism: float = Field(
+        0.5, ge=0.0, le=5.0, allow_inf_nan=False,
+        description="Standard errors added to each calibrated estimate before "
+                    "the cut: evidence seen rarely (a large error) is still "
+                    "tried, so the calibration keeps learning it; evidence "
+                    "known to fail (a small error) is not. 0 = the plain "
+                    "estimate.")
     calibrate: bool = Field(
         True,
         description="Correct each method's acceptance estimates by what the "

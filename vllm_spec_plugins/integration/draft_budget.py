@@ -21,15 +21,18 @@ accepted, i.e. its expected contribution) is at least the price: each kept
 token adds more expected output than it costs. With no pay-off anywhere the
 step drafts nothing, which costs what a step without speculation costs.
 
-One step in ``explore_every`` cuts at the configured fallback price on the
-raw estimates instead, so the cost fit keeps seeing steps with drafts and
-the calibration keeps seeing tokens the budget would otherwise never send.
+The cut uses the calibrated estimate plus ``optimism`` standard errors of
+it: a kind of evidence seen rarely is still tried (so it gets calibrated,
+and the step-cost fit keeps seeing drafts), one proven to fail is not. On
+logged SmolLM2 drafts this lost less at high prices than sending a raw draft
+every few steps (the earlier rule), and kept as much where drafts pay.
 
 Plain Python and numpy; no vLLM imports (the drafter feeds it).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -45,14 +48,25 @@ _DECAY_BATCH = 256
 
 
 class AcceptanceCalibrator:
-    """Observed acceptance per (stratum, estimate bin), with the proposer's own
-    estimate as the prior: ``(hits + w * p) / (trials + w)``."""
+    """Observed acceptance per (stratum, estimate bin), shrunk in two levels.
+
+    A cell's estimate is ``(hits + w * prior) / (trials + w)``. Its prior is
+    the proposer's estimate scaled by how its stratum has done so far,
+    ``p * f_s`` with ``f_s = hits_s / sum of estimates_s`` over the stratum's
+    tried tokens, itself shrunk toward the same ratio over every stratum. So a
+    kind of evidence that has proven overconfident (a one-token suffix match
+    says 0.9 and is accepted ~10% of the time) is discounted in every bin,
+    including bins it has not been seen in yet, instead of each bin learning it
+    alone. (Measured on logged SmolLM2 drafts: log loss 0.47 -> 0.39, and more
+    accepted tokens per verified one at the same price.)
+    """
 
     def __init__(self, prior_weight: float = 8.0, half_life_tokens: int = 4096) -> None:
         self.prior_weight = float(prior_weight)
         self._decay = 0.5 ** (_DECAY_BATCH / float(half_life_tokens))
         self.hits = np.zeros((MAX_STRATA, N_BINS))
         self.trials = np.zeros((MAX_STRATA, N_BINS))
+        self.estimates = np.zeros((MAX_STRATA, N_BINS))  # sum of raw estimates tried
         self.observed_tokens = 0
         self._since_decay = 0
 
@@ -61,13 +75,27 @@ class AcceptanceCalibrator:
         b = int(p * N_BINS)
         return N_BINS - 1 if b >= N_BINS else (0 if b < 0 else b)
 
-    def calibrated(self, stratum: int, probs: Sequence[float]) -> list[float]:
+    def stratum_ratio(self, stratum: int) -> float:
+        """Accepted tokens per estimated one in ``stratum``, shrunk to all strata's."""
+        w = self.prior_weight
+        overall = (self.hits.sum() + w) / (self.estimates.sum() + w)
+        return float((self.hits[stratum].sum() + w * overall)
+                     / (self.estimates[stratum].sum() + w))
+
+    def calibrated(self, stratum: int, probs: Sequence[float],
+                   optimism: float = 0.0) -> list[float]:
+        """Calibrated estimates, plus ``optimism`` standard errors of each."""
         w = self.prior_weight
         h, t = self.hits[stratum], self.trials[stratum]
+        ratio = self.stratum_ratio(stratum)
         out = []
         for p in probs:
             b = self._bin(p)
-            out.append((h[b] + w * p) / (t[b] + w))
+            n = t[b] + w
+            m = (h[b] + w * min(1.0, p * ratio)) / n
+            if optimism:
+                m = min(1.0, m + optimism * math.sqrt(m * (1.0 - m) / n))
+            out.append(m)
         return out
 
     def observe(self, stratum: int, probs: Sequence[float], verified: int,
@@ -78,10 +106,11 @@ class AcceptanceCalibrator:
         n = min(len(probs), verified, accepted + 1)
         if n <= 0:
             return
-        h, t = self.hits[stratum], self.trials[stratum]
+        h, t, e = self.hits[stratum], self.trials[stratum], self.estimates[stratum]
         for i in range(n):
             b = self._bin(probs[i])
             t[b] += 1.0
+            e[b] += probs[i]
             if i < accepted:
                 h[b] += 1.0
         self.observed_tokens += n
@@ -90,6 +119,7 @@ class AcceptanceCalibrator:
             self._since_decay = 0
             self.hits *= self._decay
             self.trials *= self._decay
+            self.estimates *= self._decay
 
     def curve(self) -> dict[int, list[tuple[float, float, float]]]:
         """{stratum: [(bin low end, evidence, observed rate)]} for bins with evidence."""
@@ -124,9 +154,8 @@ class DraftBudget:
         self.enabled = bool(config.enabled)
         self.cost_model = cost_model
         self.calibrator = AcceptanceCalibrator(config.prior_weight, config.half_life_tokens)
-        self._steps = 0
         self.last_price: Optional[float] = None
-        self.stats = {"steps": 0, "explore_steps": 0, "measured_price_steps": 0,
+        self.stats = {"steps": 0, "measured_price_steps": 0,
                       "rows": 0, "rows_cut": 0, "rows_emptied": 0,
                       "proposed_tokens": 0, "kept_tokens": 0, "tokens_saved": 0,
                       "verified_rows": 0, "expected_accepted": 0.0, "accepted_tokens": 0}
@@ -136,16 +165,9 @@ class DraftBudget:
         c = self.config
         return min(0.95, c.fallback_price * (1.0 + c.fallback_rows_slope * (max(1, rows) - 1)))
 
-    def step_price(self, rows: int) -> tuple[float, bool]:
-        """(price of a drafted token this step, whether this is an explore step)."""
-        self._steps += 1
+    def step_price(self, rows: int) -> float:
+        """The price of a drafted token this step: measured, else the fallback."""
         self.stats["steps"] += 1
-        every = int(self.config.explore_every)
-        if every and self._steps % every == 0:
-            self.stats["explore_steps"] += 1
-            price = self.fallback_price(rows)
-            self.last_price = price
-            return price, True
         measured = self.cost_model.token_price(rows) if self.cost_model is not None else None
         if measured is not None:
             self.stats["measured_price_steps"] += 1
@@ -153,9 +175,9 @@ class DraftBudget:
         else:
             price = self.fallback_price(rows)
         self.last_price = price
-        return price, False
+        return price
 
-    def cut(self, draft: ScoredDraft, price: float, explore: bool = False,
+    def cut(self, draft: ScoredDraft, price: float,
             max_tokens: Optional[int] = None) -> tuple[list[int], Optional[DraftRecord]]:
         """The prefix of ``draft`` worth verifying, and what to remember of it."""
         tokens = draft.tokens if max_tokens is None else draft.tokens[:max_tokens]
@@ -166,14 +188,19 @@ class DraftBudget:
         raw = [1.0] * n_in if raw is None else [min(1.0, max(0.0, float(p)))
                                                for p in raw[:n_in]]
         stratum = min(max(int(draft.stratum), 0), MAX_STRATA - 1)
-        use_cal = self.config.calibrate and not explore
-        est = self.calibrator.calibrated(stratum, raw) if use_cal else raw
-        n, q, expected = 0, 1.0, 0.0
-        for p in est:
+        if self.config.calibrate:
+            cal = self.calibrator
+            est = cal.calibrated(stratum, raw, self.config.optimism)
+            mean = cal.calibrated(stratum, raw) if self.config.optimism else est
+        else:
+            est = mean = raw
+        n, q, qm, expected = 0, 1.0, 1.0, 0.0
+        for p, m in zip(est, mean):
             q *= p
             if self.enabled and q < price:
                 break
-            expected += q
+            qm *= m
+            expected += qm
             n += 1
         st = self.stats
         st["rows"] += 1
@@ -205,5 +232,7 @@ class DraftBudget:
         st["expected_accepted"] = round(st["expected_accepted"], 1)
         st["enabled"] = self.enabled
         st["price"] = None if self.last_price is None else round(self.last_price, 4)
-        st["calibration"] = self.calibrator.curve()
+        cal = self.calibrator
+        st["calibration"] = cal.curve()
+        st["stratum_ratio"] = {s: round(cal.stratum_ratio(s), 3) for s in st["calibration"]}
         return st

@@ -214,7 +214,7 @@ class PluginDrafter:
                 work.append((rec.state, token_ids_cpu[i, :n], k))
         if not work:
             return
-        price, explore = draft_budget.step_price(len(sampled_token_ids))
+        price = draft_budget.step_price(len(sampled_token_ids))
         ask = price if draft_budget.enabled else None
         try:
             out = proposer.propose_scored_batch(work, ask)
@@ -228,7 +228,7 @@ class PluginDrafter:
                     table.fail(rec, "propose")
                     out.append(ScoredDraft([]))
         for i, rec, (_, _, k), d in zip(rows, recs, work, out):
-            drafts[i], rec.last_draft = draft_budget.cut(d, price, explore, k)
+            drafts[i], rec.last_draft = draft_budget.cut(d, price, k)
             self.stats["drafted_tokens"] += len(drafts[i])
         self.stats["rows"] += len(work)
 
