@@ -90,6 +90,13 @@ def test_drafter_delta():
     curve = {"observations": 12, "curve": {"0.90": 0.4}}
     with_stats = S.drafter_delta(dict(a, proposer_stats=None), dict(b, proposer_stats=curve))
     assert with_stats["proposer_stats"] == curve and with_stats["steps"] == 20
+    # the draft budget's per-cell counters (proposed -> kept -> accepted)
+    budget0 = {"proposed_tokens": 100, "kept_tokens": 60, "accepted_tokens": 40, "price": 0.3}
+    budget1 = {"proposed_tokens": 180, "kept_tokens": 90, "accepted_tokens": 70, "price": 0.4}
+    cell = S.drafter_delta(dict(a, draft_budget=budget0), dict(b, draft_budget=budget1))
+    assert cell["draft_budget"] == {"proposed_tokens": 80, "kept_tokens": 30,
+                                    "accepted_tokens": 30, "price": 0.4}
+    assert "draft_budget" not in S.drafter_delta(a, b)
 
 
 def test_draft_time_delta():

@@ -89,6 +89,10 @@ def draft_acceptance_rate(draft_tokens: int, accepted: int) -> Optional[float]:
     return None if draft_tokens <= 0 else accepted / draft_tokens
 
 
+BUDGET_COUNTERS = ("rows", "rows_cut", "rows_emptied", "proposed_tokens", "kept_tokens",
+                   "tokens_saved", "verified_rows", "accepted_tokens")
+
+
 def drafter_delta(before: Optional[dict], after: Optional[dict]) -> Optional[dict[str, Any]]:
     """Difference of two ``drafter_snapshot`` dicts (numeric counters), plus
     the proposer's own diagnostics after the cell (``proposer_stats``, e.g.
@@ -99,6 +103,13 @@ def drafter_delta(before: Optional[dict], after: Optional[dict]) -> Optional[dic
     out: dict[str, Any] = {k: after.get(k, 0) - before.get(k, 0) for k in keys if k in after}
     if after.get("proposer_stats") is not None:
         out["proposer_stats"] = after["proposer_stats"]
+    b0, b1 = before.get("draft_budget"), after.get("draft_budget")
+    if isinstance(b0, dict) and isinstance(b1, dict):
+        # What the shared budget did in this cell: tokens the method proposed,
+        # kept after the cut, and accepted of those; the price at the end.
+        out["draft_budget"] = {k: b1.get(k, 0) - b0.get(k, 0) for k in BUDGET_COUNTERS
+                               if k in b1}
+        out["draft_budget"]["price"] = b1.get("price")
     return out
 
 
