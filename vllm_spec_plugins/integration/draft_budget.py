@@ -85,18 +85,24 @@ class AcceptanceCalibrator:
     def calibrated(self, stratum: int, probs: Sequence[float],
                    optimism: float = 0.0) -> list[float]:
         """Calibrated estimates, plus ``optimism`` standard errors of each."""
+        return self.calibrated_with_bound(stratum, probs, optimism)[1]
+
+    def calibrated_with_bound(self, stratum: int, probs: Sequence[float],
+                              optimism: float) -> tuple[list[float], list[float]]:
+        """(calibrated estimates, the same plus ``optimism`` standard errors),
+        in one pass: the budget cuts on the second and expects the first."""
         w = self.prior_weight
         h, t = self.hits[stratum], self.trials[stratum]
         ratio = self.stratum_ratio(stratum)
-        out = []
+        means, bounds = [], []
         for p in probs:
             b = self._bin(p)
             n = t[b] + w
             m = (h[b] + w * min(1.0, p * ratio)) / n
-            if optimism:
-                m = min(1.0, m + optimism * math.sqrt(m * (1.0 - m) / n))
-            out.append(m)
-        return out
+            means.append(m)
+            bounds.append(min(1.0, m + optimism * math.sqrt(m * (1.0 - m) / n))
+                          if optimism else m)
+        return means, bounds
 
     def observe(self, stratum: int, probs: Sequence[float], verified: int,
                 accepted: int) -> None:
@@ -189,9 +195,8 @@ class DraftBudget:
                                                for p in raw[:n_in]]
         stratum = min(max(int(draft.stratum), 0), MAX_STRATA - 1)
         if self.config.calibrate:
-            cal = self.calibrator
-            est = cal.calibrated(stratum, raw, self.config.optimism)
-            mean = cal.calibrated(stratum, raw) if self.config.optimism else est
+            mean, est = self.calibrator.calibrated_with_bound(stratum, raw,
+                                                              self.config.optimism)
         else:
             est = mean = raw
         n, q, qm, expected = 0, 1.0, 1.0, 0.0
