@@ -28,7 +28,12 @@ def matrix_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(matrix_file):
-    engine = plugin_llm("token_recycling", k=8, matrix_path=str(matrix_file))
+    # The draft budget is off here so the learning check below measures the
+    # matrix alone: with it on, what is sent depends on this machine's step
+    # times (a slow CI box priced every pass-2 draft out). The budget on the
+    # engine is tested with the hybrid below and in test_engine_suffix_tree.
+    engine = plugin_llm("token_recycling", k=8, matrix_path=str(matrix_file),
+                        draft_budget={"enabled": False})
     yield engine
     del engine
 
@@ -53,11 +58,9 @@ def test_greedy_identical_and_learns_from_target(llm, baseline_outputs):
     acc1, acc2 = delta(c1, c0, "accepted_tokens"), delta(c2, c1, "accepted_tokens")
     sent1, sent2 = delta(c1, c0, "draft_tokens"), delta(c2, c1, "draft_tokens")
     assert acc2 > 0 and sent1 > 0 and sent2 > 0
-    # The matrix holds what the target said on the first pass, and the draft
-    # budget has learnt what pays: the second pass's drafts are accepted more
-    # often (the budget may send fewer of them: it trades length for cost).
+    # The matrix holds what the target said on the first pass: the same
+    # prompts' drafts are accepted more often the second time.
     assert acc2 / sent2 > acc1 / sent1, (acc1, sent1, acc2, sent2)
-    assert snap["draft_budget"]["verified_rows"] > 0
 
 
 def test_random_sampling_and_state_released(llm):
@@ -86,7 +89,9 @@ def test_hybrid_lossless_and_uses_both_sources(baseline_outputs):
             outs = hybrid.generate(prompts, GREEDY, use_tqdm=False)
             bad = [p[:50] for p, o in zip(prompts, outs) if list(o.outputs[0].token_ids) != expected[p]]
             assert not bad, f"outputs differ from no speculation for: {bad}"
-        counts = drafter_state(hybrid)["proposer_stats"]
+        snap = drafter_state(hybrid)
+        counts = snap["proposer_stats"]
         assert counts["suffix_tree"] > 0 and counts["token_recycling"] > 0, counts
+        assert snap["draft_budget"]["verified_rows"] > 0
     finally:
         del hybrid
