@@ -263,6 +263,34 @@ def test_render_report_clean_run():
     assert "## Notes and problems" not in report
 
 
+def test_budget_table_and_its_report_section():
+    budget = {"rows": 10, "rows_cut": 4, "rows_emptied": 2, "proposed_tokens": 80,
+              "kept_tokens": 40, "tokens_saved": 40, "verified_rows": 8,
+              "accepted_tokens": 30, "price": 0.25}
+    runs = [run("none", 0, [meas(B1, 100, 10.0)]),
+            run("suffix_tree", 0, [meas(B1, 100, 5.0, spec=SPEC_B1,
+                                        drafter=dict(DRAFTER, draft_budget=budget))]),
+            run("no_budget", 0, [meas(B1, 100, 6.0, spec=SPEC_B1,
+                                      drafter=dict(DRAFTER, draft_budget=dict(
+                                          budget, kept_tokens=80, rows_emptied=0,
+                                          enabled=False)))])]
+    rows = S.summarize(runs, ["none", "suffix_tree", "no_budget"], [("code", B1)], LOSSLESS)
+    header, body = parse_table(R.budget_table(rows))
+    by = {r[2]: dict(zip(header, r)) for r in body}
+    assert set(by) == {"suffix_tree", "no_budget"}  # none has no budget
+    st = by["suffix_tree"]
+    assert (st["budget"], st["proposed tokens"], st["kept (share)"], st["accepted"]) == \
+        ("on", "80", "40 (50%)", "30")
+    assert (st["accepted ÷ kept"], st["rows emptied"], st["price"]) == ("75%", "20%", "0.250")
+    assert by["no_budget"]["budget"] == "off" and by["no_budget"]["kept (share)"] == "80 (100%)"
+    report = R.render_report(SETTINGS, rows, runs)
+    assert "## Draft budget per cell" in report and R.budget_table(rows) in report
+    plain = [r for r in runs if r["label"] == "none"]
+    assert R.budget_table(S.summarize(plain, ["none"], [("code", B1)])) is None
+    assert "## Draft budget per cell" not in R.render_report(
+        SETTINGS, S.summarize(plain, ["none"], [("code", B1)]), plain)
+
+
 def test_render_report_without_baseline():
     runs = [run("ngram", 0, [meas(B1, 10, 1.0, spec=SPEC_B1)])]
     report = R.render_report(SETTINGS, S.summarize(runs, ["ngram"], [("code", B1)]), runs)

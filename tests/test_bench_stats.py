@@ -95,7 +95,10 @@ def test_drafter_delta():
     budget1 = {"proposed_tokens": 180, "kept_tokens": 90, "accepted_tokens": 70, "price": 0.4}
     cell = S.drafter_delta(dict(a, draft_budget=budget0), dict(b, draft_budget=budget1))
     assert cell["draft_budget"] == {"proposed_tokens": 80, "kept_tokens": 30,
-                                    "accepted_tokens": 30, "price": 0.4}
+                                    "accepted_tokens": 30, "price": 0.4, "enabled": True}
+    off = S.drafter_delta(dict(a, draft_budget=budget0),
+                          dict(b, draft_budget=dict(budget1, enabled=False)))
+    assert off["draft_budget"]["enabled"] is False
     assert "draft_budget" not in S.drafter_delta(a, b)
 
 
@@ -279,6 +282,25 @@ def test_summarize_spec_counters_acceptance_and_proposer_time():
     assert none["proposer_ms_per_step"] is None and none["proposer_share"] is None
     # no runner draft timer in these runs: no drafting overhead claimed
     assert st["draft_ms_per_step"] is None and st["draft_share"] is None
+
+
+def test_summarize_draft_budget_summed_over_repeats_price_median():
+    def budget(proposed, kept, accepted, price, rows=10, emptied=2):
+        return {"rows": rows, "rows_cut": 4, "rows_emptied": emptied, "proposed_tokens": proposed,
+                "kept_tokens": kept, "tokens_saved": proposed - kept, "verified_rows": 8,
+                "accepted_tokens": accepted, "price": price, "enabled": True}
+
+    runs = [run("none", 0, [meas(B1, 100, 10.0)]), run("none", 1, [meas(B1, 100, 10.0)]),
+            run("suffix_tree", 0, [meas(B1, 100, 5.0, spec=SPEC,
+                                        drafter=dict(DRAFTER, draft_budget=budget(80, 50, 30, 0.2)))]),
+            run("suffix_tree", 1, [meas(B1, 100, 5.0, spec=SPEC,
+                                        drafter=dict(DRAFTER, draft_budget=budget(60, 20, 10, 0.4)))])]
+    by = rows_by(S.summarize(runs, ["none", "suffix_tree"], [("code", B1)]))
+    b = by[(B1, "suffix_tree")]["draft_budget"]
+    assert (b["proposed_tokens"], b["kept_tokens"], b["accepted_tokens"]) == (140, 70, 40)
+    assert (b["rows"], b["rows_emptied"], b["tokens_saved"]) == (20, 4, 70)
+    assert b["price"] == pytest.approx(0.3) and b["enabled"] is True
+    assert by[(B1, "none")]["draft_budget"] is None
 
 
 def test_summarize_draft_time_for_builtin_and_plugin_methods():

@@ -258,6 +258,37 @@ def acceptance_table(rows: Sequence[dict], positions: int = TABLE_POSITIONS) -> 
     return markdown_table(headers, body, ["l", "l", "r"] + ["r"] * positions)
 
 
+def budget_table(rows: Sequence[dict]) -> Optional[str]:
+    """What the shared draft budget did per cell (this package's methods):
+    tokens the method proposed, kept after the cut, accepted of those, over
+    all repeats; None when no row carries budget counters."""
+    body = []
+    for r in rows:
+        b = r.get("draft_budget")
+        if r["status"] != "ok" or not b:
+            continue
+        proposed, kept, acc = b["proposed_tokens"], b["kept_tokens"], b["accepted_tokens"]
+        body.append([r["workload"], r["scenario"], r["method"],
+                     "on" if b.get("enabled", True) else "off",
+                     str(int(proposed)), f"{int(kept)} ({fmt_pct(kept / proposed if proposed else None, 0)})",
+                     str(int(acc)), fmt_pct(acc / kept if kept else None, 0),
+                     fmt_pct(b["rows_emptied"] / b["rows"] if b["rows"] else None, 0),
+                     fmt(b.get("price"), 3)])
+    if not body:
+        return None
+    return markdown_table(["workload", "scenario", "method", "budget", "proposed tokens",
+                           "kept (share)", "accepted", "accepted ÷ kept", "rows emptied",
+                           "price"], body, ["l", "l", "l", "l"] + ["r"] * 6)
+
+
+BUDGET_NOTE = ("proposed = tokens the method drafted; kept = what the draft budget left after "
+               "its cut (budget off: all of them, up to num_speculative_tokens); accepted = of "
+               "the kept tokens, what the engine accepted (the budget's own count: drafts of "
+               "each request's last step are not reported back); all summed over repeats. "
+               "rows emptied = rows whose whole draft was cut; price = the acceptance "
+               "probability a token needed at the end of the cell (median over repeats).")
+
+
 def mismatch_lines(rows: Sequence[dict], baseline: str = BASELINE, limit: int = 12,
                    lossy: bool = False) -> list[str]:
     """One line per (method, workload, scenario) whose greedy outputs differ from
@@ -311,7 +342,12 @@ def render_report(settings: dict[str, Any], rows: Sequence[dict], runs: Sequence
               "streamed chunks (one chunk may carry several accepted tokens); task score: HumanEval "
               "pass@1 (tests executed) or math exact match.",
               "", f"## Acceptance rate per draft position (first {TABLE_POSITIONS}, scenarios pooled)",
-              "", acceptance_table(rows), "", "## Greedy equality", "", EQUALITY_NOTE, ""]
+              "", acceptance_table(rows), ""]
+    budget = budget_table(rows)
+    if budget:
+        lines += ["## Draft budget per cell (tokens before and after the cut)", "", budget, "",
+                  BUDGET_NOTE, ""]
+    lines += ["## Greedy equality", "", EQUALITY_NOTE, ""]
     mm = mismatch_lines(rows, baseline)
     if mm:
         lines += ["**WARNING: greedy outputs of lossless methods differ:**", ""]

@@ -110,6 +110,7 @@ def drafter_delta(before: Optional[dict], after: Optional[dict]) -> Optional[dic
         out["draft_budget"] = {k: b1.get(k, 0) - b0.get(k, 0) for k in BUDGET_COUNTERS
                                if k in b1}
         out["draft_budget"]["price"] = b1.get("price")
+        out["draft_budget"]["enabled"] = b1.get("enabled", True)
     return out
 
 
@@ -199,6 +200,8 @@ def summarize(runs: Sequence[dict], methods: Sequence[str], cells: Sequence[tupl
             spec_items, prop_s, prop_steps, wall_total = [], 0.0, 0, 0.0
             draft_s, draft_calls = 0.0, 0
             has_drafter = has_timer = False
+            budget: Optional[dict[str, float]] = None
+            budget_prices: list[Optional[float]] = []
             identical = compared = 0
             mismatches: list[dict[str, Any]] = []
             task_metric = None
@@ -214,6 +217,13 @@ def summarize(runs: Sequence[dict], methods: Sequence[str], cells: Sequence[tupl
                     prop_steps += int(m["drafter"].get("steps", 0))
                     # reading the target's top-k at verification is drafting work too
                     draft_s += float(m["drafter"].get("capture_seconds", 0.0))
+                    cell_budget = m["drafter"].get("draft_budget")
+                    if isinstance(cell_budget, dict):
+                        budget = budget or {k: 0 for k in BUDGET_COUNTERS}
+                        for k in BUDGET_COUNTERS:
+                            budget[k] += cell_budget.get(k, 0)
+                        budget_prices.append(cell_budget.get("price"))
+                        budget["enabled"] = cell_budget.get("enabled", True)
                 if m.get("draft_time"):
                     has_timer = True
                     draft_s += float(m["draft_time"]["seconds"])
@@ -255,6 +265,9 @@ def summarize(runs: Sequence[dict], methods: Sequence[str], cells: Sequence[tupl
             row["proposer_share"] = (prop_s / wall_total) if has_drafter and wall_total > 0 else None
             row["draft_ms_per_step"] = proposer_ms_per_step(draft_s, draft_calls) if has_timer else None
             row["draft_share"] = (draft_s / wall_total) if has_timer and wall_total > 0 else None
+            if budget is not None:  # summed over repeats; the price is the median at cell ends
+                budget["price"] = median_spread(budget_prices)[0]
+            row["draft_budget"] = budget
             for k in LATENCY_KEYS:
                 row[k] = median_spread(latency[k])[0]
             row["task_metric"] = task_metric
