@@ -42,6 +42,16 @@ def config(argv: list[str], has_arctic: bool = False) -> R.BenchConfig:
 # =========================================================================== arguments
 
 
+CPU_AWARE_DEFAULT_DTYPE = R.default_dtype
+
+
+@pytest.fixture(autouse=True)
+def bf16_default(monkeypatch):
+    """The default dtype as on a machine with native bfloat16 (or no CPU build),
+    so what these tests check does not depend on this machine's CPU."""
+    monkeypatch.setattr(R, "default_dtype", lambda: ("bfloat16", None))
+
+
 def test_defaults():
     cfg = config([])
     assert cfg.model == "smollm2-135m"
@@ -480,9 +490,24 @@ def test_run_from_args_float32_lossless_mismatch_exits_1(fake_env, tmp_path, cap
     assert "run(s) failed" not in err
 
 
+def test_default_dtype_follows_the_cpu(monkeypatch):
+    from vllm_spec_plugins import cpu_runtime
+
+    monkeypatch.setattr(R, "default_dtype", CPU_AWARE_DEFAULT_DTYPE)
+    monkeypatch.setattr(cpu_runtime, "cpu_vllm_installed", lambda: True)
+    monkeypatch.setattr(cpu_runtime, "default_cpu_dtype",
+                        lambda: ("float32", "this CPU has no native bfloat16"))
+    cfg = config([])
+    assert cfg.dtype == "float32"
+    assert "note: dtype float32: this CPU has no native bfloat16 (--dtype sets it)" in cfg.notes
+    assert config(["--dtype", "bfloat16"]).dtype == "bfloat16"  # an explicit choice wins
+    monkeypatch.setattr(cpu_runtime, "cpu_vllm_installed", lambda: False)  # GPU build
+    assert config([]).dtype == "bfloat16"
+
+
 def test_run_from_args_bf16_lossless_mismatch_warns_and_exits_0(fake_env, tmp_path, capsys):
     fake_env(differ={"suffix_tree"})
-    args, out = bench_args(tmp_path)  # default dtype bfloat16
+    args, out = bench_args(tmp_path, "--dtype", "bfloat16")
     assert R.run_from_args(args) == 0
     err = capsys.readouterr().err
     assert "WARNING: greedy outputs of lossless methods differ from 'none' (bfloat16: near-ties can flip" in err

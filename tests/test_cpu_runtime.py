@@ -309,3 +309,18 @@ def test_preload_pairs_within_a_repeat():
     table = preload_table(runs)
     assert "| none " in table and "1.12x (1.05–1.20)" in table and "0.50x" in table
     assert "ngram" not in table
+
+
+# --------------------------------------------------------------------------- default dtype
+
+AMD_AVX2 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse sse2 avx avx2 fma\n"
+SAPPHIRE = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+
+
+def test_default_cpu_dtype_bf16_only_where_the_cpu_computes_it():
+    dtype, why = C.default_cpu_dtype(AMD_AVX2)
+    assert dtype == "float32" and "no native bfloat16" in why and "avx512_bf16" in why
+    dtype, why = C.default_cpu_dtype(SAPPHIRE)
+    assert dtype == "bfloat16" and "avx512_bf16, amx_bf16" in why
+    assert C.default_cpu_dtype("")[0] == "bfloat16"  # flags unknown: vLLM's usual
+    assert C.cpu_flags(AMD_AVX2) == {"fpu", "sse", "sse2", "avx", "avx2", "fma"}

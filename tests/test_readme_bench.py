@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from vllm_spec_plugins.bench import runner as bench_runner
 from vllm_spec_plugins.bench.runner import config_from_args
 from vllm_spec_plugins.cli import build_parser
 
@@ -125,6 +126,11 @@ def test_readme_bench_command_made_the_report_it_names(argv, monkeypatch):
     # The command, as the bench runner validates it. Whether vLLM's `suffix` joins
     # `all` depends on arctic_inference being installed: take what the run found.
     had_arctic = not any("arctic_inference" in n for n in rec["notes"])
+    # The default dtype follows the CPU the report was made on: a float32 report
+    # made without --dtype must carry the note saying why, a bfloat16 one none.
+    dtype_note = next((n for n in rec["notes"] if n.startswith("note: dtype ")), None)
+    monkeypatch.setattr(bench_runner, "default_dtype",
+                        lambda: (rec["dtype"], dtype_note) if dtype_note else ("bfloat16", None))
     cfg = config_from_args(args, has_arctic=had_arctic)
     want = asdict(cfg)
 

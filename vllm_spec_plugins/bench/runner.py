@@ -111,8 +111,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="label of --server-url's method in the report (default: server)")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs per method; the report gives median and min–max (default 3)")
-    p.add_argument("--dtype", default="bfloat16",
-                   help="model dtype (default bfloat16; float32 for strict greedy equality)")
+    p.add_argument("--dtype", default=None,
+                   help="model dtype (default: bfloat16, but float32 with vLLM's CPU build on a "
+                        "CPU without native bfloat16, where bfloat16 is emulated and slower; "
+                        "float32 is also the strict greedy-equality check)")
     p.add_argument("--seed", type=int, default=0, help="workload sampling and engine seed (default 0)")
     p.add_argument("--out", default="bench_results", help="output directory (default bench_results/)")
     p.add_argument("--kv-cache-gb", type=float, default=2.0,
@@ -247,6 +249,16 @@ def parse_workloads(text: str, known: Optional[Sequence[str]] = None) -> list[st
     return items
 
 
+def default_dtype() -> tuple[str, Optional[str]]:
+    """``--dtype``'s default and, when it is not bfloat16, the report note saying why."""
+    from vllm_spec_plugins.cpu_runtime import cpu_vllm_installed, default_cpu_dtype
+
+    if not cpu_vllm_installed():
+        return "bfloat16", None
+    dtype, why = default_cpu_dtype()
+    return dtype, (None if dtype == "bfloat16" else f"note: dtype {dtype}: {why} (--dtype sets it)")
+
+
 def _positive(name: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -267,7 +279,10 @@ def config_from_args(args: argparse.Namespace, *, registry: Optional[dict[str, b
     if args.max_tokens >= MAX_MODEL_LEN:
         raise ValueError(f"--max-tokens must be < max_model_len {MAX_MODEL_LEN}, got {args.max_tokens}")
     dtypes = ("auto", "bfloat16", "float16", "float32", "half", "float")
-    if args.dtype not in dtypes:
+    dtype, dtype_note = args.dtype, None
+    if dtype is None:
+        dtype, dtype_note = default_dtype()
+    if dtype not in dtypes:
         raise ValueError(f"--dtype: expected one of {', '.join(dtypes)}, got {args.dtype!r}")
     if args.server_url:
         if not re.match(r"^https?://[^/\s]+", args.server_url):
@@ -286,13 +301,15 @@ def config_from_args(args: argparse.Namespace, *, registry: Optional[dict[str, b
         raise ValueError("--cpu-preload: a --server-url server runs with its own environment; "
                          "drop --cpu-preload (use `vllm-spec-plugins cpu-env` where it starts)")
     methods = apply_cpu_preload(methods, cpu_preload)
+    if dtype_note:
+        notes = [*notes, dtype_note]
     return BenchConfig(
         model=args.model, methods=methods,
         workloads=parse_workloads(args.workloads, known_workloads),
         num_prompts=args.num_prompts, max_tokens=args.max_tokens, k=args.k, mode=args.mode,
         batch_sizes=parse_int_list(args.batch_sizes, "batch-sizes"),
         concurrency=parse_int_list(args.concurrency, "concurrency"),
-        repeats=args.repeats, dtype=args.dtype, seed=args.seed, out=args.out,
+        repeats=args.repeats, dtype=dtype, seed=args.seed, out=args.out,
         kv_cache_gb=args.kv_cache_gb, plugin_config=parse_plugin_config(args.plugin_config),
         draft_model=args.draft_model, server_url=args.server_url,
         enforce_eager=bool(args.enforce_eager), worker_timeout=args.worker_timeout, notes=notes,
