@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 VLLM_PLUGINS=vllm_spec_plugins
-exec .venv/bin/python -m pytest -p no:cacheprovider -q "$@" tests
+exec .venv/bin/python -m pytest -p no:cacheprovider -q --durations=20 "$@" tests
