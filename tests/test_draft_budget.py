@@ -225,3 +225,55 @@ def test_a_row_whose_drafts_were_not_scheduled_teaches_nothing():
     r.drafts = {}  # the scheduler dropped this step's drafts (e.g. out of token budget)
     r.step()
     assert d.budget.calibrator.observed_tokens == before
+
+
+# ------------------------------------------------- the calibration as a state file
+def test_calibration_survives_a_restart_through_its_state_file(tmp_path):
+    path = tmp_path / "budget.npz"
+    d, _ = run_wrong_drafts({"state_path": str(path)})
+    assert d.saver.save_now() and path.is_file()
+    learnt = d.budget.calibrator
+    again = make({"wrong_drafts": True, "draft_budget": {"state_path": str(path)}})
+    cal = again.budget.calibrator
+    assert np.array_equal(cal.hits, learnt.hits) and np.array_equal(cal.trials, learnt.trials)
+    assert cal.observed_tokens == learnt.observed_tokens > 0
+    assert again.snapshot()["draft_budget"]["loaded_tokens"] == learnt.observed_tokens
+    # what it learnt applies from the first step: no drafts are tried at all now
+    r = StandInRunner(again)
+    r.add(StandInRequest("b", periodic(20), periodic(200)[20:]))
+    drafted = []
+    while r.rows:
+        drafted.append(sum(len(x) for x in r.step()))
+    assert sum(drafted) == 0, drafted
+    fresh = make({"wrong_drafts": True})  # without the file the same run tries first
+    r = StandInRunner(fresh)
+    r.add(StandInRequest("b", periodic(20), periodic(200)[20:]))
+    drafted = []
+    while r.rows:
+        drafted.append(sum(len(x) for x in r.step()))
+    assert sum(drafted) > 0
+
+
+def test_budget_state_file_of_another_method_or_damaged_fails_at_startup(tmp_path):
+    path = tmp_path / "budget.npz"
+    b = budget(state_path=str(path))
+    b.method = "token_recycling"
+    b.calibrator.observe(0, [0.9, 0.9], verified=2, accepted=1)
+    assert b.save_state()
+    with pytest.raises(ValueError, match=r"draft_budget\.state_path: .*saved by method "
+                                         r"'token_recycling', this engine runs .*delete the file"):
+        make({"draft_budget": {"state_path": str(path)}})
+    path.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"draft_budget\.state_path: .*not a draft-budget state file"):
+        make({"draft_budget": {"state_path": str(path)}})
+    np.savez(path, version=np.int64(1), method=np.array(PROPOSER), hits=np.ones((3, 3)),
+             trials=np.ones((3, 3)), estimates=np.ones((3, 3)), observed_tokens=np.int64(3))
+    with pytest.raises(ValueError, match=r"damaged draft-budget state file \(hits has shape"):
+        make({"draft_budget": {"state_path": str(path)}})
+    with pytest.raises(ValueError, match=r"spec_plugins\.draft_budget\.state_path: directory .* does not exist"):
+        make({"draft_budget": {"state_path": str(tmp_path / "nope" / "b.npz")}})
+
+
+def test_no_state_path_saves_nothing(tmp_path):
+    b = budget()
+    assert b.save_state() is False and b.snapshot()["loaded_tokens"] == 0

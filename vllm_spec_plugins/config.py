@@ -5,7 +5,7 @@ process at startup, before any worker exists."""
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -245,3 +245,9 @@ class DraftBudgetConfig(BaseModel):
         4096, ge=16, le=10**9,
         description="Observed tokens after which old evidence counts half "
                     "(the calibration follows a changing workload).")
+    state_path: Optional[str] = Field(
+        None,
+        description="File (.npz) the calibration is saved to (every few hundred "
+                    "finished requests and at exit) and loaded from at start, so a "
+                    "restarted engine does not learn again what its last run knew. "
+                    "One file per method. null = learnt anew at every start.")

@@ -27,17 +27,22 @@ and the step-cost fit keeps seeing drafts), one proven to fail is not. On
 logged SmolLM2 drafts this lost less at high prices than sending a raw draft
 every few steps (the earlier rule), and kept as much where drafts pay.
 
+With ``state_path`` set, the calibration is a state file like a proposer's:
+saved by the drafter's ``StateSaver`` and loaded at start (one file per
+method: strata mean different things to different proposers).
+
 Plain Python and numpy; no vLLM imports (the drafter feeds it).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence
 
 import numpy as np
 
-from vllm_spec_plugins.proposers.base import ScoredDraft
+from vllm_spec_plugins.proposers.base import ScoredDraft, save_npz_atomic
 
 #: Estimate bins of the calibration curve (equal width over [0, 1]).
 N_BINS = 10
@@ -45,6 +50,8 @@ N_BINS = 10
 MAX_STRATA = 64
 #: Decay the evidence once per this many observed tokens (cheap and smooth enough).
 _DECAY_BATCH = 256
+#: Version of the calibration state file.
+STATE_FORMAT_VERSION = 1
 
 
 class AcceptanceCalibrator:
@@ -127,6 +134,29 @@ class AcceptanceCalibrator:
             self.trials *= self._decay
             self.estimates *= self._decay
 
+    def state(self) -> dict[str, np.ndarray]:
+        """The evidence as arrays (copies: the step may observe meanwhile)."""
+        return {"hits": self.hits.copy(), "trials": self.trials.copy(),
+                "estimates": self.estimates.copy(),
+                "observed_tokens": np.int64(self.observed_tokens)}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Replace the evidence with ``state()``'s arrays; ValueError if they
+        are not that (the current evidence is kept then)."""
+        shape = (MAX_STRATA, N_BINS)
+        loaded = {}
+        for name in ("hits", "trials", "estimates"):
+            a = np.asarray(arrays[name], dtype=np.float64)
+            if a.shape != shape:
+                raise ValueError(f"{name} has shape {a.shape}, expected {shape}")
+            if not (np.isfinite(a).all() and a.min(initial=0.0) >= 0.0):
+                raise ValueError(f"{name} must be finite and non-negative")
+            loaded[name] = a
+        if (loaded["hits"] > loaded["trials"] + 1e-9).any():
+            raise ValueError("more hits than trials")
+        self.hits, self.trials, self.estimates = loaded["hits"], loaded["trials"], loaded["estimates"]
+        self.observed_tokens = int(arrays["observed_tokens"])
+
     def curve(self) -> dict[int, list[tuple[float, float, float]]]:
         """{stratum: [(bin low end, evidence, observed rate)]} for bins with evidence."""
         out: dict[int, list[tuple[float, float, float]]] = {}
@@ -155,12 +185,17 @@ class DraftRecord:
 class DraftBudget:
     """Cuts each row's draft where one more token no longer pays (module note)."""
 
-    def __init__(self, config, cost_model) -> None:
+    def __init__(self, config, cost_model, method: str = "") -> None:
         self.config = config
         self.enabled = bool(config.enabled)
         self.cost_model = cost_model
+        self.method = method
         self.calibrator = AcceptanceCalibrator(config.prior_weight, config.half_life_tokens)
         self.last_price: Optional[float] = None
+        self.state_path: Optional[str] = getattr(config, "state_path", None)
+        self.loaded_tokens = 0  # observed tokens the loaded state file carried
+        if self.state_path and os.path.exists(self.state_path):
+            self.load(self.state_path)
         self.stats = {"steps": 0, "measured_price_steps": 0,
                       "rows": 0, "rows_cut": 0, "rows_emptied": 0,
                       "proposed_tokens": 0, "kept_tokens": 0, "tokens_saved": 0,
@@ -232,6 +267,44 @@ class DraftBudget:
         st["expected_accepted"] += record.expected
         st["accepted_tokens"] += accepted
 
+    # -- state file ------------------------------------------------------------
+    def save_state(self) -> bool:
+        """Save the calibration to ``state_path`` (atomic); False if none is set."""
+        if not self.state_path:
+            return False
+        save_npz_atomic(self.state_path, version=np.int64(STATE_FORMAT_VERSION),
+                        method=np.array(self.method), **self.calibrator.state())
+        return True
+
+    def load(self, path: str) -> None:
+        """Load a calibration saved by ``save_state``. ValueError naming the
+        file and what is wrong (another method's file, a damaged one)."""
+        def bad(msg: str) -> ValueError:
+            return ValueError(f"{path}: {msg}; delete the file or set another "
+                              "draft_budget.state_path")
+
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {name: z[name] for name in z.files}
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 - zip and format errors
+            raise bad(f"not a draft-budget state file ({e})") from None
+        missing = {"version", "method", "hits", "trials", "estimates",
+                   "observed_tokens"} - set(arrays)
+        if missing:
+            raise bad(f"not a draft-budget state file (missing {sorted(missing)})")
+        if int(arrays["version"]) != STATE_FORMAT_VERSION:
+            raise bad(f"format version {int(arrays['version'])}, expected {STATE_FORMAT_VERSION}")
+        saved_by = str(arrays["method"])
+        if self.method and saved_by != self.method:
+            raise bad(f"saved by method {saved_by!r}, this engine runs {self.method!r}")
+        try:
+            self.calibrator.load_state(arrays)
+        except (ValueError, TypeError) as e:
+            raise bad(f"damaged draft-budget state file ({e})") from None
+        self.loaded_tokens = self.calibrator.observed_tokens
+
     def snapshot(self) -> dict[str, object]:
         st = dict(self.stats)
         st["expected_accepted"] = round(st["expected_accepted"], 1)
@@ -240,4 +313,5 @@ class DraftBudget:
         cal = self.calibrator
         st["calibration"] = cal.curve()
         st["stratum_ratio"] = {s: round(cal.stratum_ratio(s), 3) for s in st["calibration"]}
+        st["loaded_tokens"] = self.loaded_tokens
         return st

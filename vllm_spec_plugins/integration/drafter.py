@@ -64,6 +64,7 @@ class PluginDrafter:
             check_state_paths(self.config)
             share = sharing_config(extra)
             budget_config = draft_budget_config(extra.get(CONFIG_KEY))
+            check_state_paths(budget_config, prefix="draft_budget.")
         except PluginConfigError as e:
             # vLLM wraps this in "Failed to instantiate custom proposer": keep ours first.
             raise ValueError(f"vllm-spec-plugins: {e}") from None
@@ -73,12 +74,17 @@ class PluginDrafter:
         self.requests = RequestTable(self.proposer, self.background)
         self.timer = StepTimer()
         self.proposer.set_step_cost(self.timer.model)
-        self.budget = DraftBudget(budget_config, self.timer.model)
+        try:
+            self.budget = DraftBudget(budget_config, self.timer.model, method=self.method)
+        except ValueError as e:  # its state file is another method's, or damaged
+            raise ValueError(f"vllm-spec-plugins: additional_config.{CONFIG_KEY}."
+                             f"draft_budget.state_path: {e}") from None
         #: {request id: draft tokens scheduled for verification} of the running step.
         self._verifying: dict = {}
         self.topk = TargetTopK(getattr(self.proposer, "target_topk", 0) or 0)
         self.saver = StateSaver(self.proposer, self.background, self.autosave_every,
-                                enabled=self.owner, after_save=self._release_deferred)
+                                enabled=self.owner, after_save=self._release_deferred,
+                                also_save=(self.budget.save_state,))
         self.sharing = None
         if share is not None and self.owner:
             from vllm_spec_plugins.sharing import HubClient

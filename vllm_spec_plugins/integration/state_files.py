@@ -4,7 +4,8 @@
   ``token_recycling.matrix_path``) must name a file that can be written: a
   directory, a missing directory or a read-only one fails at startup naming
   the setting, not at the first save.
-* :class:`StateSaver`: saves every ``every`` finished requests on the
+* :class:`StateSaver`: saves (the proposer's files, then the draft budget's)
+  every ``every`` finished requests on the
   background thread (holding the proposer lock: the step skips drafting while
   a save reads the state, it never waits for the disk) and once at exit.
   Only the rank that owns the replica's state saves (replica_sharing.py).
@@ -39,9 +40,9 @@ def state_paths(config: BaseModel, prefix: str = "") -> Iterator[tuple[str, str]
             yield f"{prefix}{name}", value
 
 
-def check_state_paths(config: BaseModel) -> None:
+def check_state_paths(config: BaseModel, prefix: str = "") -> None:
     """Raise PluginConfigError naming the setting if a state file cannot be written."""
-    for field, path in state_paths(config):
+    for field, path in state_paths(config, prefix):
         where = f"additional_config.{CONFIG_KEY}.{field}"
         full = os.path.abspath(os.path.expanduser(path))
         parent = os.path.dirname(full)
@@ -59,8 +60,9 @@ def check_state_paths(config: BaseModel) -> None:
 
 class StateSaver:
     def __init__(self, proposer: Any, background: BackgroundWork, every: int = 256,
-                 enabled: bool = True, after_save=None) -> None:
+                 enabled: bool = True, after_save=None, also_save: tuple = ()) -> None:
         self.proposer = proposer
+        self.also_save = tuple(also_save)  # more ``save_state``-like calls (the draft budget)
         self.background = background
         self.every = max(1, int(every))
         self.enabled = enabled
@@ -83,7 +85,10 @@ class StateSaver:
                     "saving the proposer state", self._save, after=self._after)
 
     def _save(self) -> None:
-        if self.proposer.save_state():
+        saved = bool(self.proposer.save_state())
+        for save in self.also_save:
+            saved = bool(save()) or saved
+        if saved:
             self.saves += 1
 
     def save_now(self, timeout_s: float = EXIT_LOCK_TIMEOUT_S) -> bool:
