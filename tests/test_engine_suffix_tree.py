@@ -22,10 +22,21 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
-def llm():
-    engine = plugin_llm("suffix_tree", k=8)
+def budget_file(tmp_path_factory):
+    return tmp_path_factory.mktemp("budget") / "budget.npz"
+
+
+@pytest.fixture(scope="module")
+def llm(budget_file):
+    engine = plugin_llm("suffix_tree", k=8, draft_budget={"state_path": str(budget_file)})
     yield engine
     del engine
+
+
+def _save_state(worker):
+    from vllm_spec_plugins.integration import save_proposer_state
+
+    return save_proposer_state(worker)
 
 
 def test_greedy_outputs_identical_to_no_speculation(llm, baseline_outputs):
@@ -248,3 +259,17 @@ def test_draft_budget_learns_from_what_the_engine_accepted(llm, baseline_outputs
     assert state["verified_rows"] > before_state["verified_rows"]
     assert state["calibration"] and state["price"] is not None
     assert state["kept_tokens"] <= state["proposed_tokens"]
+
+
+def test_draft_budget_calibration_saved_to_its_state_file(llm, budget_file):
+    """What the engine's budget learnt is in its state file, and a new budget
+    of the same method starts from it."""
+    from vllm_spec_plugins.config import DraftBudgetConfig
+    from vllm_spec_plugins.integration.draft_budget import DraftBudget
+
+    assert llm.collective_rpc(_save_state) == [True]
+    learnt = settled_drafter_state(llm)["draft_budget"]
+    restarted = DraftBudget(DraftBudgetConfig(state_path=str(budget_file)), None,
+                            method="suffix_tree")
+    assert restarted.loaded_tokens > 0
+    assert sorted(restarted.calibrator.curve()) == sorted(learnt["calibration"])
