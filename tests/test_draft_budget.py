@@ -31,6 +31,9 @@ class FixedPrice:
     def token_price(self, rows=1):
         return self.price
 
+    def needs_exploration(self, rows=1):
+        return self.price is None
+
 
 def budget(price=None, **cfg):
     return DraftBudget(DraftBudgetConfig(**cfg), FixedPrice(price))
@@ -124,6 +127,20 @@ def test_price_is_measured_when_known_else_the_fallback():
     assert unmeasured.step_price(200) == pytest.approx(0.95)  # capped
 
 
+def test_an_unmeasured_draft_cost_is_explored_on_one_step_in_n():
+    # At 32 rows the fallback price (0.875) keeps nearly every draft out, so
+    # the step cost could never see a draft: one step in 8 drafts as at one row.
+    b = budget(None, fallback_price=0.1, fallback_rows_slope=0.25)
+    prices = [b.step_price(32) for _ in range(32)]
+    assert prices.count(pytest.approx(0.1)) == 4
+    assert prices.count(pytest.approx(0.875)) == 28
+    assert b.snapshot()["exploration_steps"] == 4
+    never = budget(None, fallback_price=0.1, fallback_rows_slope=0.25, explore_every=0)
+    assert all(never.step_price(32) == pytest.approx(0.875) for _ in range(32))
+    measured = budget(0.6, explore_every=1)
+    assert {measured.step_price(32) for _ in range(16)} == {0.6}
+
+
 def test_optimism_tries_rare_evidence_and_drops_evidence_known_to_fail():
     b = budget(0.5, optimism=1.0, prior_weight=8)
     rare = ScoredDraft([5], [0.45], 2)  # no evidence: 0.45 + 1 sd of it (n = 8) > 0.5
@@ -145,7 +162,9 @@ def test_budget_settings_are_validated_with_the_field_named():
     with pytest.raises(PluginConfigError, match=r"spec_plugins\.draft_budget\.fallback_price"):
         resolve({"method": "suffix_tree", "draft_budget": {"fallback_price": 2}})
     with pytest.raises(PluginConfigError, match=r"draft_budget\.explore_every"):
-        resolve({"method": "token_recycling", "draft_budget": {"explore_every": 3}})
+        resolve({"method": "token_recycling", "draft_budget": {"explore_every": -1}})
+    with pytest.raises(PluginConfigError, match=r"draft_budget\.explore_evry"):
+        resolve({"method": "token_recycling", "draft_budget": {"explore_evry": 3}})
     with pytest.raises(PluginConfigError, match="must be a JSON object"):
         resolve({"method": "suffix_tree", "draft_budget": 0.5})
     method, _, cfg = resolve({"method": "suffix_tree", "draft_budget": {}})

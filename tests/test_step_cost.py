@@ -30,7 +30,7 @@ def test_recovers_the_line_and_prices_by_the_marginal_rule():
     assert s["token_ms"] == pytest.approx(30, rel=1e-3)
     # price = b * E / T at the recent draft mix: rows 1, 2 tokens out per row,
     # ~4 drafts per row (uniform 0..8) -> 0.03 * 2 / (0.2 + 0.03 * 5)
-    mean_drafts = m._drafts / m._rows
+    mean_drafts = m._sd / m._sr
     expect = 0.03 * 2.0 / (0.2 + 0.03 * (1 + mean_drafts))
     assert m.token_price(1) == pytest.approx(expect, rel=1e-6)
 
@@ -114,3 +114,50 @@ def test_a_higher_price_drafts_shorter_chains():
         lens[name] = len(p.propose(p.start_request("r", np.array([1], np.int32)),
                                    np.array([1], np.int32), 8))
     assert lens["cheap"] > lens["dear"] >= 1
+
+
+def test_rows_and_drafted_tokens_get_separate_slopes():
+    # A row costs 12 ms (sampling, bookkeeping, its query token), a drafted
+    # token 2 ms: the fit must tell them apart when both vary.
+    rng = random.Random(5)
+    m = StepCostModel()
+    for _ in range(400):
+        rows = rng.randint(4, 32)
+        drafts = rng.randint(0, 3 * rows)
+        m.observe(rows + drafts, rows, rows, 0.05 + 0.012 * rows + 0.002 * drafts)
+    s = m.stats
+    assert s["row_ms"] == pytest.approx(12, rel=1e-3)
+    assert s["token_ms"] == pytest.approx(2, rel=1e-3)
+    assert s["step_ms"] == pytest.approx(50, rel=1e-3)
+
+
+def test_a_shrinking_batch_without_drafts_is_not_charged_to_drafts():
+    # The failure this fit fixes: a method that drafts almost nothing while
+    # requests finish (rows 32 -> 1). One slope over verified tokens saw only
+    # the per-row cost and priced every draft near 0.9 at batch 32.
+    m = StepCostModel()
+    row_s, draft_s = 0.012, 0.002
+    for _ in range(4):
+        for rows in range(32, 0, -1):
+            m.observe(rows, rows, rows, 0.05 + row_s * rows)
+    assert m.token_price(32) is None           # drafts never varied: unknown,
+    assert m.needs_exploration(32)             # and only drafts can tell
+    rng = random.Random(2)
+    for i in range(200):                       # some steps now carry drafts
+        rows = 32 - i % 32
+        drafts = rng.randint(0, 2 * rows) if i % 4 == 0 else 0
+        m.observe(rows + drafts, rows, rows, 0.05 + row_s * rows + draft_s * drafts)
+    price = m.token_price(32)
+    assert price is not None and not m.needs_exploration(32)
+    drafts_per_row = m._sd / m._sr
+    expect = draft_s * 32 / (0.05 + row_s * 32 + draft_s * 32 * drafts_per_row)
+    assert price == pytest.approx(expect, rel=0.02)
+    one_slope = row_s * 32 / (0.05 + row_s * 32)  # what the old fit charged
+    assert price < one_slope / 4
+
+
+def test_not_exploring_before_enough_steps():
+    m = StepCostModel(min_steps=32)
+    for _ in range(10):
+        m.observe(8, 8, 8, 0.2)
+    assert not m.needs_exploration(8)

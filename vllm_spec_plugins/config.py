@@ -225,6 +225,14 @@ class DraftBudgetConfig(BaseModel):
                     "fallback_rows_slope per extra row in the step, at most 0.95.")
     fallback_rows_slope: float = Field(0.25, ge=0.0, le=10.0, allow_inf_nan=False,
                                        description="See fallback_price.")
+    explore_every: int = Field(
+        8, ge=0, le=10**6,
+        description="While the engine's steps have not yet measured what a "
+                    "drafted token costs (too few steps carried drafts), one "
+                    "step in this many prices drafts at fallback_price whatever "
+                    "the batch, so some drafts are verified and timed; "
+                    "otherwise a large batch's fallback price could keep "
+                    "every draft out for good. 0 = never.")
     optimism: float = Field(
         0.5, ge=0.0, le=5.0, allow_inf_nan=False,
         description="Standard errors added to each calibrated estimate before "

@@ -21,6 +21,11 @@ accepted, i.e. its expected contribution) is at least the price: each kept
 token adds more expected output than it costs. With no pay-off anywhere the
 step drafts nothing, which costs what a step without speculation costs.
 
+The price needs steps with drafts to be measured. Until it is, the price is
+``fallback_price`` rising with the rows, which at a large batch can keep
+every draft out, so nothing would ever be measured: one step in
+``explore_every`` then prices drafts as at one row (bounded exploration).
+
 The cut uses the calibrated estimate plus ``optimism`` standard errors of
 it: a kind of evidence seen rarely is still tried (so it gets calibrated,
 and the step-cost fit keeps seeing drafts), one proven to fail is not. On
@@ -196,7 +201,7 @@ class DraftBudget:
         self.loaded_tokens = 0  # observed tokens the loaded state file carried
         if self.state_path and os.path.exists(self.state_path):
             self.load(self.state_path)
-        self.stats = {"steps": 0, "measured_price_steps": 0,
+        self.stats = {"steps": 0, "measured_price_steps": 0, "exploration_steps": 0,
                       "rows": 0, "rows_cut": 0, "rows_emptied": 0,
                       "proposed_tokens": 0, "kept_tokens": 0, "tokens_saved": 0,
                       "verified_rows": 0, "expected_accepted": 0.0, "accepted_tokens": 0}
@@ -209,12 +214,20 @@ class DraftBudget:
     def step_price(self, rows: int) -> float:
         """The price of a drafted token this step: measured, else the fallback."""
         self.stats["steps"] += 1
-        measured = self.cost_model.token_price(rows) if self.cost_model is not None else None
+        model = self.cost_model
+        measured = model.token_price(rows) if model is not None else None
         if measured is not None:
             self.stats["measured_price_steps"] += 1
             price = measured
         else:
             price = self.fallback_price(rows)
+            every = self.config.explore_every
+            if (every and model is not None and self.stats["steps"] % every == 0
+                    and model.needs_exploration(rows)):
+                # The draft slope is unmeasured: draft on this step as at one
+                # row so the step-cost fit sees drafts (bounded: 1 step in N).
+                self.stats["exploration_steps"] += 1
+                price = min(price, self.config.fallback_price)
         self.last_price = price
         return price
 

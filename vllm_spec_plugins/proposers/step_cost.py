@@ -7,10 +7,15 @@ free; on a CPU, or at a large batch, each one adds real time to the step.
 A fixed threshold is right on one machine only.
 
 :class:`StepCostModel` learns the cost from the steps themselves. The
-integration layer reports every pure decode step: tokens verified ``N``
-(rows + drafts), rows, output tokens, and the step's wall time. A
-least-squares line with exponential forgetting fits ``time = a + b * N``;
-``b`` is the time of one more verified token.
+integration layer reports every pure decode step: tokens verified (rows +
+drafts), rows, output tokens, and the step's wall time. A least-squares fit
+with exponential forgetting, ``time = a + c * rows + b * drafts``, gives
+``b``, the time of one more *drafted* token. Rows and drafts get separate
+slopes because they cost different things: a row also pays sampling, output
+processing and per-request bookkeeping. With one slope over all verified
+tokens, a proposer that drafts almost nothing while the batch shrinks (as
+requests finish) had the per-row cost charged to its drafts and was priced
+out for good.
 
 Price of a drafted token, in accepted tokens: adding a token whose
 (estimated) acceptance probability is ``q`` to a step that emits ``E``
@@ -19,20 +24,38 @@ i.e. ``q > b * E / T``. ``E`` and ``T`` are predicted for the step at hand
 from the recent output per row and drafts per row, so the price rises with
 the batch by itself (more rows share the same ``a``).
 
-Until the fit is trustworthy (enough steps, enough spread in ``N``, a small
-standard error on the price), :meth:`token_price` returns None and the
-proposer keeps its configured threshold. Plain Python, no vLLM imports.
+Until the fit is trustworthy (enough steps, drafts that vary independently
+of the rows, a small standard error on the price), :meth:`token_price`
+returns None; :meth:`needs_exploration` then says whether only the draft
+slope is missing, so the caller can send drafts on a few steps to measure it
+(the draft budget does; see integration/draft_budget.py). While the row
+count never varies (batch 1), ``c`` cannot be told from ``a`` and a row is
+taken to cost what a drafted token costs when pricing another row count.
+Plain Python, no vLLM imports.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
-__all__ = ["StepCostModel"]
+__all__ = ["StepCostModel", "StepCostFit"]
+
+#: Below this weighted variance a regressor is taken as constant.
+_MIN_VARIANCE = 1e-6
+
+
+class StepCostFit(NamedTuple):
+    a: float                 # seconds per step at zero rows and drafts
+    row_s: float             # seconds per row (= draft_s when rows never varied)
+    draft_s: float           # seconds per drafted token
+    draft_s_se: float        # standard error of draft_s
+    resid_s: float           # residual standard deviation
+    rows_varied: bool        # whether row_s was measured rather than assumed
 
 
 class StepCostModel:
-    """Online fit of step time vs verified tokens; prices a drafted token."""
+    """Online fit of step time vs rows and drafted tokens; prices a drafted token."""
 
     def __init__(self, half_life_steps: float = 200.0, min_steps: int = 32,
                  max_price_error: float = 0.05, min_price: float = 0.01,
@@ -43,74 +66,97 @@ class StepCostModel:
         self.min_price = float(min_price)
         self.max_price = float(max_price)
         self.max_step_seconds = float(max_step_seconds)
-        # Exponentially weighted sums over observations (x = N, y = seconds).
-        self._w = self._sx = self._sxx = self._sy = self._sxy = self._syy = 0.0
-        self._w2 = 0.0  # sum of squared weights (effective sample size)
-        # Exponentially weighted per-row means for predicting E and N.
-        self._rows = self._out = self._drafts = 0.0
+        # Exponentially weighted sums over observations
+        # (r = rows, d = drafted tokens, y = seconds).
+        self._w = self._w2 = 0.0  # weights and squared weights (effective sample size)
+        self._sr = self._sd = self._sy = 0.0
+        self._srr = self._srd = self._sdd = 0.0
+        self._sry = self._sdy = self._syy = 0.0
+        self._out = 0.0  # weighted output tokens, for E
         self.steps = 0       # observations accepted
         self.rejected = 0    # outliers and impossible values dropped
 
     # ----------------------------------------------------------- fitting
     def observe(self, tokens: int, rows: int, output_tokens: int, seconds: float) -> bool:
-        """One pure decode step. Returns whether it was used."""
+        """One pure decode step: ``tokens`` verified (rows + drafts). Returns
+        whether it was used."""
         if (rows <= 0 or tokens < rows or output_tokens < 0 or not math.isfinite(seconds)
                 or seconds <= 0.0 or seconds > self.max_step_seconds):
             self.rejected += 1
             return False
+        drafts = tokens - rows
         fit = self._fit()
         if fit is not None and self.steps >= self.min_steps:
-            a, b, _sd, _ = fit
-            predicted = a + b * tokens
+            predicted = fit.a + fit.row_s * rows + fit.draft_s * drafts
             if predicted > 0 and seconds > 4.0 * predicted:
                 # A pause (GC, another process, an idle gap): not the model's cost.
                 self.rejected += 1
                 return False
-        d = self.decay
-        x, y = float(tokens), float(seconds)
-        self._w = self._w * d + 1.0
-        self._w2 = self._w2 * d * d + 1.0
-        self._sx = self._sx * d + x
-        self._sxx = self._sxx * d + x * x
-        self._sy = self._sy * d + y
-        self._sxy = self._sxy * d + x * y
-        self._syy = self._syy * d + y * y
-        self._rows = self._rows * d + rows
-        self._out = self._out * d + output_tokens
-        self._drafts = self._drafts * d + (tokens - rows)
+        k = self.decay
+        r, d, y = float(rows), float(drafts), float(seconds)
+        self._w = self._w * k + 1.0
+        self._w2 = self._w2 * k * k + 1.0
+        self._sr = self._sr * k + r
+        self._sd = self._sd * k + d
+        self._sy = self._sy * k + y
+        self._srr = self._srr * k + r * r
+        self._srd = self._srd * k + r * d
+        self._sdd = self._sdd * k + d * d
+        self._sry = self._sry * k + r * y
+        self._sdy = self._sdy * k + d * y
+        self._syy = self._syy * k + y * y
+        self._out = self._out * k + output_tokens
         self.steps += 1
         return True
 
-    def _fit(self) -> tuple[float, float, float, float] | None:
-        """(a, b, standard error of b, residual sd) or None if degenerate."""
+    def _fit(self) -> Optional[StepCostFit]:
+        """The weighted least-squares fit, or None while the draft slope
+        cannot be measured (drafts never varied apart from the rows)."""
         w = self._w
         if w <= 0.0:
             return None
-        mx, my = self._sx / w, self._sy / w
-        vx = self._sxx / w - mx * mx
-        if vx <= 1e-9:
-            return None
-        cov = self._sxy / w - mx * my
-        b = cov / vx
-        a = my - b * mx
-        resid = max(0.0, self._syy / w - my * my - b * cov)
         n_eff = (w * w / self._w2) if self._w2 > 0 else 0.0
-        if n_eff <= 2.0:
-            return None
-        se_b = math.sqrt(resid / (vx * (n_eff - 2.0)))
-        return a, b, se_b, math.sqrt(resid)
+        mr, md, my = self._sr / w, self._sd / w, self._sy / w
+        vrr = self._srr / w - mr * mr
+        vdd = self._sdd / w - md * md
+        vrd = self._srd / w - mr * md
+        cry = self._sry / w - mr * my
+        cdy = self._sdy / w - md * my
+        vyy = self._syy / w - my * my
+        rows_varied = vrr > _MIN_VARIANCE
+        if rows_varied:
+            det = vrr * vdd - vrd * vrd
+            # Drafts must vary beyond what the rows explain.
+            if det <= _MIN_VARIANCE * vrr or n_eff <= 3.0:
+                return None
+            draft_s = (vrr * cdy - vrd * cry) / det
+            row_s = (vdd * cry - vrd * cdy) / det
+            resid = max(0.0, vyy - row_s * cry - draft_s * cdy)
+            se = math.sqrt(resid * (vrr / det) / (n_eff - 3.0))
+            a = my - row_s * mr - draft_s * md
+        else:
+            if vdd <= _MIN_VARIANCE or n_eff <= 2.0:
+                return None
+            draft_s = cdy / vdd
+            resid = max(0.0, vyy - draft_s * cdy)
+            se = math.sqrt(resid / (vdd * (n_eff - 2.0)))
+            # Rows never varied: a row is taken to cost what a drafted token
+            # does, and the intercept is what is left at the usual row count.
+            row_s = draft_s
+            a = my - draft_s * (mr + md)
+        return StepCostFit(a, row_s, draft_s, se, math.sqrt(resid), rows_varied)
 
     # ----------------------------------------------------------- pricing
-    def _price(self, rows: int, b: float, a: float) -> float:
-        w = self._w
+    def _price(self, rows: int, fit: StepCostFit, draft_s: float) -> float:
         rows = max(1, int(rows))
-        out_per_row = self._out / self._rows if self._rows > 0 else 1.0
-        drafts_per_row = self._drafts / self._rows if self._rows > 0 else 0.0
+        per_row = self._sr if self._sr > 0 else 0.0
+        out_per_row = self._out / per_row if per_row > 0 else 1.0
+        drafts_per_row = self._sd / per_row if per_row > 0 else 0.0
         e = rows * max(out_per_row, 1.0)
-        t = a + b * rows * (1.0 + drafts_per_row)
-        if t <= 0.0 or w <= 0.0:
+        t = fit.a + max(fit.row_s, 0.0) * rows + draft_s * rows * drafts_per_row
+        if t <= 0.0:
             return math.inf
-        return b * e / t
+        return draft_s * e / t
 
     def token_price(self, rows: int = 1) -> float | None:
         """Acceptance probability a drafted token needs to pay for its
@@ -120,25 +166,32 @@ class StepCostModel:
         fit = self._fit()
         if fit is None:
             return None
-        a, b, se_b, _ = fit
-        b_pos = max(b, 0.0)
-        price = self._price(rows, b_pos, a)
+        draft_s = max(fit.draft_s, 0.0)
+        price = self._price(rows, fit, draft_s)
         if not math.isfinite(price):
             return None
         # Standard error of the price, by the slope's error (it dominates).
-        err = abs(self._price(rows, b_pos + se_b, a) - price)
+        err = abs(self._price(rows, fit, draft_s + fit.draft_s_se) - price)
         if err > self.max_price_error:
             return None
         return min(self.max_price, max(self.min_price, price))
+
+    def needs_exploration(self, rows: int = 1) -> bool:
+        """True when enough steps were timed but the drafted token's cost is
+        still unknown or too uncertain: only steps with drafts (of varying
+        length) can measure it."""
+        return self.steps >= self.min_steps and self.token_price(rows) is None
 
     @property
     def stats(self) -> dict[str, object]:
         fit = self._fit()
         out: dict[str, object] = {"steps": self.steps, "rejected": self.rejected}
         if fit is not None:
-            a, b, se_b, sd = fit
-            out.update(step_ms=round(a * 1e3, 3), token_ms=round(b * 1e3, 4),
-                       token_ms_se=round(se_b * 1e3, 4), resid_ms=round(sd * 1e3, 3))
+            out.update(step_ms=round(fit.a * 1e3, 3),
+                       row_ms=round(fit.row_s * 1e3, 4) if fit.rows_varied else None,
+                       token_ms=round(fit.draft_s * 1e3, 4),
+                       token_ms_se=round(fit.draft_s_se * 1e3, 4),
+                       resid_ms=round(fit.resid_s * 1e3, 3))
         price = self.token_price(1)
         out["price_1_row"] = None if price is None else round(price, 4)
         return out
