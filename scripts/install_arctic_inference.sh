@@ -35,6 +35,9 @@ fail() {
 command -v "$PYTHON" >/dev/null 2>&1 || fail "python interpreter '$PYTHON' not found (set PYTHON=...)"
 # Resolve to an absolute path so that PATH changes below cannot change it.
 PYTHON="$(command -v "$PYTHON")"
+# command -v keeps a relative path (.venv/bin/python) relative; CMake, run in
+# the build directory, would not find it and picked another Python.
+[[ "$PYTHON" == /* ]] || PYTHON="$PWD/$PYTHON"
 
 CHECK='from arctic_inference.suffix_decoding import SuffixDecodingCache; SuffixDecodingCache(max_tree_depth=24, max_cached_requests=100)'
 
