@@ -76,10 +76,11 @@ def test_long_prompt_is_prepared_off_the_step(monkeypatch):
     assert d.snapshot()["requests"]["waiting_for_state_steps"] >= 5
     assert any(out[0] for out in [r.step()])  # the short one drafts meanwhile
     p.release.set()
-    deadline = time.monotonic() + 10
-    while not r.drafts.get("long") and time.monotonic() < deadline:
-        r.step()
-    assert r.drafts.get("long"), "the long request never drafted after its state was ready"
+    # Wait for the build itself: stepping meanwhile would race the background
+    # thread (on a loaded machine the request could finish before it runs).
+    d.requests.get("long").preparing.result(timeout=10)
+    r.step()  # installs the state and catches up on the tokens generated meanwhile
+    assert r.drafts.get("long"), "the long request did not draft once its state was ready"
     r.run()
     seen = {rid: s for rid, s, _ in p.finished}
     assert seen["long"] == periodic(700, period=11)[500:]  # caught up on every token

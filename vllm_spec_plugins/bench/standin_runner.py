@@ -2,6 +2,12 @@
 without an engine (tests/test_integration_standin.py, bench/step_stall.py): it calls the drafter's hooks in the order the patched
 runner does (step start with finished ids, the draft call, ``propose``) and
 verifies drafts against a known continuation, as greedy verification would.
+
+The drafter's step timer reads a synthetic clock that advances by a modelled
+step cost (a fixed part, per row, per verified token), not the wall clock: a
+stand-in step costs microseconds of noise, and a draft price measured from
+that noise would make the budget, and so every test here, depend on the
+machine's load.
 """
 
 from __future__ import annotations
@@ -36,8 +42,16 @@ class StandInRunner:
     """Runs requests to completion through a PluginDrafter, verifying drafts
     greedily against each request's known target continuation."""
 
-    def __init__(self, drafter, max_reqs: int = 16, max_len: int = 4096) -> None:
+    #: Modelled cost of one step: (fixed s, s per row, s per scheduled token),
+    #: roughly a small model's decode step on CPU.
+    STEP_COST_S = (0.020, 0.001, 0.0005)
+
+    def __init__(self, drafter, max_reqs: int = 16, max_len: int = 4096,
+                 step_cost_s: tuple[float, float, float] = STEP_COST_S) -> None:
         self.drafter = drafter
+        self.step_cost_s = step_cost_s
+        self.modelled_seconds = 0.0
+        drafter.timer.clock = lambda: self.modelled_seconds
         self.token_ids_cpu = np.zeros((max_reqs, max_len), np.int32)
         self.input_batch = SimpleNamespace(req_ids=[], num_prompt_tokens=np.zeros(max_reqs, np.int64))
         self.rows: list[StandInRequest] = []
@@ -56,16 +70,20 @@ class StandInRunner:
 
     def step(self, budget: int = 0) -> list[list[int]]:
         t0 = time.perf_counter()
+        per_req = {r.req_id: 1 + len(self.drafts.get(r.req_id, ())) for r in self.rows}
         sched = SimpleNamespace(
             finished_req_ids=set(self.finished),
             # vLLM's last step before going idle schedules nothing (0 tokens).
-            total_num_scheduled_tokens=len(self.rows),
+            total_num_scheduled_tokens=sum(per_req.values()),
             scheduled_new_reqs=(), num_spec_tokens_to_schedule=budget,
-            num_scheduled_tokens={r.req_id: 1 + len(self.drafts.get(r.req_id, ())) for r in self.rows},
+            num_scheduled_tokens=per_req,
             scheduled_spec_decode_tokens={r.req_id: self.drafts.get(r.req_id, []) for r in self.rows})
         self.finished = []
         t_hooks = time.perf_counter()
         self.drafter.on_step_start(self, sched)
+        fixed, per_row, per_token = self.step_cost_s
+        self.modelled_seconds += (fixed + per_row * len(self.rows)
+                                  + per_token * sched.total_num_scheduled_tokens)
         in_drafter = time.perf_counter() - t_hooks
         sampled: list[list[int]] = []
         self.input_batch.req_ids = [r.req_id for r in self.rows]

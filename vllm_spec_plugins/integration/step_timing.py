@@ -17,12 +17,13 @@ from vllm_spec_plugins.proposers.step_cost import StepCostModel
 class StepTimer:
     def __init__(self, model: StepCostModel | None = None, clock=time.perf_counter) -> None:
         self.model = model or StepCostModel()
-        self._clock = clock
+        #: Seconds now; a test or stand-in runner may set a synthetic clock.
+        self.clock = clock
         self._pending: tuple[float, int, int] | None = None  # (start, tokens, rows)
         self.output_tokens = 0  # tokens emitted by the step being timed
 
     def on_step_start(self, scheduler_output: Any) -> None:
-        now = self._clock()
+        now = self.clock()
         try:
             pending, self._pending = self._pending, None
             total = int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0)
