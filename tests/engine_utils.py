@@ -18,9 +18,11 @@ def model_path() -> str:
 def make_llm(**kwargs):
     from vllm import LLM
 
-    return LLM(model=model_path(), dtype="float32", max_model_len=4096, seed=0,
-               kv_cache_memory_bytes=1 << 30, disable_log_stats=False,
-               enforce_eager=True, **kwargs)
+    settings = dict(dtype="float32", max_model_len=4096, seed=0,
+                    kv_cache_memory_bytes=1 << 30, disable_log_stats=False,
+                    enforce_eager=True)
+    settings.update(kwargs)
+    return LLM(model=model_path(), **settings)
 
 
 def plugin_llm(method: str = "suffix_tree", k: int = 8, **settings):

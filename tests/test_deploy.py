@@ -50,7 +50,8 @@ def test_every_recipe_turns_on_its_method(name):
         assert llm["accelerator_config"] == {"kind": "cpu"}
         assert "tensor_parallel_size" not in kw and "accelerator_type" not in llm
     else:
-        assert kw["tensor_parallel_size"] == 2 and llm["accelerator_type"]
+        tp = deploy.RECIPE_OVERRIDES.get(name, {}).get("tensor_parallel_size", 2)
+        assert kw["tensor_parallel_size"] == tp and llm["accelerator_type"]
         assert "accelerator_config" not in llm
         assert "distributed_executor_backend" not in kw  # Ray's executor on GPUs
 

@@ -80,3 +80,8 @@ def test_chat_completion_drafts_and_accepts(server):
     accepted = [line for line in metrics.splitlines()
                 if line.startswith("vllm:spec_decode_num_accepted_tokens_total")]
     assert accepted and float(accepted[0].split()[-1]) > 0, accepted
+    # The drafter's own counters (engine process) reach the API server's /metrics.
+    drafted = [line for line in metrics.splitlines()
+               if line.startswith('vsp_drafter_drafted_tokens_total{method="suffix_tree"}')]
+    assert drafted and float(drafted[0].split()[-1]) > 0, drafted
+    assert 'vsp_draft_budget_tokens_total{method="suffix_tree",stage="kept"}' in metrics

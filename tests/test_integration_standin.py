@@ -88,6 +88,27 @@ def test_long_prompt_is_prepared_off_the_step(monkeypatch):
     assert d.snapshot()["requests"]["prepared_in_background"] == 1
 
 
+def test_request_finishing_before_its_state_is_built_is_still_released(monkeypatch):
+    """A long prompt's state is still being built when the request finishes
+    (and the engine goes idle): once built it must reach finish_request (a
+    proposer's state may hold resources, e.g. a draft model's KV cache)."""
+    monkeypatch.setattr("vllm_spec_plugins.integration.lifecycle.INLINE_PROMPT_TOKENS", 64)
+    d, p = make({"block_start_over": 100})
+    d.requests.inline_prompt_tokens = 64
+    r = StandInRunner(d)
+    r.add(StandInRequest("long", periodic(300, period=11), periodic(304, period=11)[300:]))
+    while r.rows:
+        r.step()
+    r.step()  # the idle step: "long" finished, its state not built yet
+    assert p.finished == [] and d.requests.unreleased == 1
+    p.release.set()
+    deadline = time.monotonic() + 10
+    while d.requests.unreleased and time.monotonic() < deadline:
+        time.sleep(0.01)  # the background thread releases it after the build
+    assert [f[0] for f in p.finished] == ["long"]
+    assert d.snapshot()["tracked_requests"] == 0
+
+
 def test_busy_proposer_costs_drafts_not_waiting():
     d, p = make()
     r = StandInRunner(d)

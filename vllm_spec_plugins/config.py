@@ -5,7 +5,7 @@ process at startup, before any worker exists."""
 from __future__ import annotations
 
 import os
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -259,3 +259,157 @@ class DraftBudgetConfig(BaseModel):
                     "finished requests and at exit) and loaded from at start, so a "
                     "restarted engine does not learn again what its last run knew. "
                     "One file per method. null = learnt anew at every start.")
+
+
+# ------------------------------------------------------------------ cascade
+class PromptLookupConfig(BaseModel):
+    """Settings of :class:`PromptLookupProposer` (n-gram prompt lookup): copy
+    what followed the most recent earlier occurrence of the context's last
+    n tokens (n from max_n down to min_n)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_n: int = Field(2, ge=1, le=64, description="Shortest n-gram matched.")
+    max_n: int = Field(5, ge=1, le=64, description="Longest n-gram matched (tried first).")
+    max_context: int = Field(
+        8192, ge=16, le=1 << 20,
+        description="Search only the last this many context tokens (bounds the "
+                    "per-step cost on long contexts).")
+
+    @field_validator("max_n")
+    @classmethod
+    def _ordered(cls, v: int, info: ValidationInfo) -> int:
+        lo = info.data.get("min_n")
+        if lo is not None and v < lo:
+            raise ValueError(f"must be >= min_n ({lo})")
+        return v
+
+
+def check_draft_model_path(name_or_path: str) -> str:
+    """Where to load a draft model from: a fetched model of ``vllm-spec-plugins
+    models``, a local Hugging Face directory, or (hub reachable, i.e.
+    HF_HUB_OFFLINE unset) a hub id ``owner/name``. ValueError saying how to
+    get it otherwise. Never fetches: startup must not download a model behind
+    the user's back."""
+    import re
+
+    from vllm_spec_plugins import models
+
+    if name_or_path in models.MODELS:
+        d = models.model_dir(name_or_path)
+        if not (d / "config.json").exists():
+            raise ValueError(f"model {name_or_path!r} is not fetched yet: run "
+                             f"`vllm-spec-plugins models fetch {name_or_path}`")
+        return str(d)
+    p = os.path.expanduser(name_or_path)
+    if os.path.isfile(os.path.join(p, "config.json")):
+        return p
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if not offline and re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) and not os.path.exists(p):
+        return name_or_path  # a hub id: transformers downloads it in the worker
+    raise ValueError(f"{name_or_path!r} is neither a model of `vllm-spec-plugins models "
+                     f"list` ({', '.join(sorted(models.MODELS))}) nor a directory with a "
+                     "Hugging Face config.json" + ("" if not offline else
+                                                   " (HF_HUB_OFFLINE is set: no hub ids)"))
+
+
+class DraftModelLevel(BaseModel):
+    """A draft-model level of a cascade: a small causal LM sharing the
+    target's tokenizer, run in the worker with its own per-request KV cache."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["draft_model"] = "draft_model"
+    model: str = Field(
+        ..., min_length=1,
+        description="A model of `vllm-spec-plugins models list` (fetched) or a "
+                    "local Hugging Face directory. Must share the target's "
+                    "tokenizer (same vocabulary).")
+    num_layers: Optional[int] = Field(
+        None, ge=1, le=1024,
+        description="Use only the model's first this many transformer layers "
+                    "(a cheaper, weaker drafter: e.g. the target itself cut "
+                    "short, LayerSkip-style). null = all.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights and compute dtype of the draft model. "
+                               "float32 on CPUs without native bf16.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the draft model runs: auto = the engine "
+                            "worker's GPU when there is one, else the CPU.")
+    passes: Union[Literal["auto"], int] = Field(
+        "auto",
+        description="Forward passes of this model per step and row. Each pass "
+                    "verifies the level below's proposal in one go and adds at "
+                    "least one token (vertical cascade); positions after the "
+                    "last pass come from the levels below (horizontal "
+                    "cascade). \"auto\": run a pass only while the acceptance "
+                    "measured online at the position it reaches pays for its "
+                    "measured time; an int: exactly that many (1-64).")
+    max_cached_tokens: int = Field(
+        262144, ge=256, le=1 << 30,
+        description="KV cache bound over all requests, in tokens (least "
+                    "recently used requests give theirs up and re-read their "
+                    "context when they draft again).")
+
+    @field_validator("passes")
+    @classmethod
+    def _passes(cls, v):
+        if isinstance(v, int) and not 1 <= v <= 64:
+            raise ValueError('must be "auto" or an integer from 1 to 64')
+        return v
+
+
+class SuffixTreeLevel(SuffixTreeConfig):
+    type: Literal["suffix_tree"] = "suffix_tree"
+
+
+class TokenRecyclingLevel(TokenRecyclingConfig):
+    type: Literal["token_recycling"] = "token_recycling"
+
+
+class SuffixRecyclingLevel(SuffixRecyclingConfig):
+    type: Literal["suffix_recycling"] = "suffix_recycling"
+
+
+class PromptLookupLevel(PromptLookupConfig):
+    type: Literal["ngram"] = "ngram"
+
+
+CascadeLevel = Annotated[
+    Union[DraftModelLevel, SuffixTreeLevel, TokenRecyclingLevel, SuffixRecyclingLevel,
+          PromptLookupLevel],
+    Field(discriminator="type")]
+
+#: Level types that need no model.
+MODEL_FREE_LEVELS = ("suffix_tree", "token_recycling", "suffix_recycling", "ngram")
+
+
+class CascadeConfig(BaseModel):
+    """Settings of :class:`CascadeProposer` (Cascade Speculative Drafting,
+    arXiv 2312.11462): levels top (strongest, dearest) to bottom (cheapest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    levels: list[CascadeLevel] = Field(
+        ..., min_length=1, max_length=8,
+        description="Top to bottom: draft-model levels first, then model-free "
+                    "ones (suffix_tree, token_recycling, suffix_recycling, "
+                    "ngram). Each model level verifies the proposal of the "
+                    "level below it; the model-free levels form one proposal: "
+                    "the first of them that drafts something for the row.")
+
+    @field_validator("levels")
+    @classmethod
+    def _model_levels_on_top(cls, levels: list) -> list:
+        seen_free = False
+        for i, lvl in enumerate(levels):
+            if lvl.type in MODEL_FREE_LEVELS:
+                seen_free = True
+            elif seen_free:
+                raise ValueError(f"level {i} ({lvl.type}) is below a model-free level: put "
+                                 "draft_model levels first (top = strongest)")
+        kinds = [lvl.type for lvl in levels]
+        if "draft_model" not in kinds:
+            raise ValueError("a cascade needs at least one draft_model level (with model-free "
+                             "levels only, use their method directly, e.g. suffix_recycling)")
+        return levels

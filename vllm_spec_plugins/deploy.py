@@ -50,6 +50,35 @@ RECIPES: dict[str, tuple[str, str]] = {
     "token_recycling.gpu": ("token_recycling", "gpu"),
     "suffix_recycling.cpu": ("suffix_recycling", "cpu"),
     "suffix_recycling.gpu": ("suffix_recycling", "gpu"),
+    "cascade.cpu": ("cascade", "cpu"),
+    "cascade.gpu": ("cascade", "gpu"),
+}
+
+
+def _cascade_pair(drafter: str, dtype: str) -> dict[str, Any]:
+    """Cascade settings: the Qwen2.5-Coder-0.5B drafter checking the suffix
+    tree's and n-gram lookup's proposals."""
+    return {"levels": [{"type": "draft_model", "model": drafter, "dtype": dtype},
+                       {"type": "suffix_tree"}, {"type": "ngram"}]}
+
+
+#: Recipes that are not "the method with its defaults on the usual target":
+#: the cascade serves the Qwen2.5-Coder pair (1.5B target, 0.5B drafter, one
+#: tokenizer). On GPU one GPU per replica holds both models (the drafter runs
+#: on the worker's own GPU: the target is small, so tensor parallelism would
+#: only split the drafter's verifications across a link for nothing); on CPU
+#: both come from the image (Dockerfile, WITH_QWEN_PAIR=1).
+RECIPE_OVERRIDES: dict[str, dict[str, Any]] = {
+    "cascade.cpu": dict(model_id="qwen2.5-coder-1.5b",
+                        model_source="/models/qwen2.5-coder-1.5b/hf",
+                        settings=_cascade_pair("/models/qwen2.5-coder-0.5b/hf", "float32")),
+    "cascade.gpu": dict(model_id="qwen2.5-coder-1.5b",
+                        model_source="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+                        settings=_cascade_pair("Qwen/Qwen2.5-Coder-0.5B-Instruct", "bfloat16"),
+                        tensor_parallel_size=1,
+                        # vLLM does not count the drafter's weights and caches:
+                        # leave them room outside its KV-cache reservation.
+                        engine_kwargs={"gpu_memory_utilization": 0.75}),
 }
 
 
@@ -263,15 +292,22 @@ def recipe(name: str, *, model_source: Optional[str] = None,
     default model where the image recipe puts it; on GPU a Qwen2.5-Coder
     target with tensor parallelism over 2 GPUs, the plugin from PyPI."""
     method, target = RECIPES[name]
+    over = dict(RECIPE_OVERRIDES.get(name, {}))
+    settings = over.pop("settings", None)
     if target == "cpu":
         return serve_config(method, target="cpu",
-                            model_id=model_id or "smollm2-135m",
-                            model_source=model_source or IMAGE_MODEL_SOURCE,
-                            engine_kwargs={"enforce_eager": True})
-    return serve_config(method, target="gpu", model_id=model_id or "qwen2.5-coder-7b",
-                        model_source=model_source or "Qwen/Qwen2.5-Coder-7B-Instruct",
-                        tensor_parallel_size=2, accelerator_type="L4",
-                        min_replicas=1, max_replicas=4,
+                            model_id=model_id or over.get("model_id", "smollm2-135m"),
+                            model_source=model_source or over.get("model_source",
+                                                                  IMAGE_MODEL_SOURCE),
+                            settings=settings, engine_kwargs={"enforce_eager": True})
+    return serve_config(method, target="gpu",
+                        model_id=model_id or over.get("model_id", "qwen2.5-coder-7b"),
+                        model_source=model_source or over.get(
+                            "model_source", "Qwen/Qwen2.5-Coder-7B-Instruct"),
+                        settings=settings,
+                        tensor_parallel_size=over.get("tensor_parallel_size", 2),
+                        engine_kwargs=over.get("engine_kwargs"),
+                        accelerator_type="L4", min_replicas=1, max_replicas=4,
                         pip=["vllm-spec-plugins"])
 
 

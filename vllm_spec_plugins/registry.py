@@ -13,6 +13,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, ValidationError
 
 from vllm_spec_plugins.config import (
+    CascadeConfig,
     SuffixRecyclingConfig,
     SuffixTreeConfig,
     TokenRecyclingConfig,
@@ -53,6 +54,9 @@ METHODS: dict[str, MethodEntry] = {
         "vllm_spec_plugins.proposers.suffix_recycling:SuffixRecyclingProposer",
         SuffixRecyclingConfig, lossless=True,
         summary="suffix tree on a long context match, Token Recycling otherwise"),
+    "cascade": MethodEntry(
+        "vllm_spec_plugins.proposers.cascade:CascadeProposer", CascadeConfig, lossless=True,
+        summary="cascade: a draft model checking cheaper drafters' proposals in one pass"),
 }
 
 

@@ -35,7 +35,8 @@ from .background import BackgroundWork
 from .draft_budget import DraftBudget
 from .lifecycle import RequestTable
 from .replica_sharing import ReplicaSharing, current_ranks, owns_replica_state
-from .state_files import StateSaver, check_state_paths
+from .server_metrics import MetricsFileWriter
+from .state_files import StateSaver, check_draft_models, check_state_paths
 from .step_timing import StepTimer
 from .target_signals import TargetTopK
 from .versions import require_supported_vllm
@@ -52,16 +53,17 @@ class PluginDrafter:
     def __init__(self, vllm_config: Any, *, patch_runner: bool = True,
                  ranks: tuple[int, int, int] | None = None) -> None:
         require_supported_vllm()
-        from vllm_spec_plugins.registry import build_proposer
+        from vllm_spec_plugins.registry import resolve
 
         spec = vllm_config.speculative_config
         extra = getattr(vllm_config, "additional_config", None) or {}
         try:
             self.num_speculative_tokens = check_num_speculative_tokens(
                 spec.num_speculative_tokens)
-            self.method, self.proposer, self.config = build_proposer(
-                extra.get(CONFIG_KEY), self.num_speculative_tokens)
+            self.method, entry, self.config = resolve(extra.get(CONFIG_KEY))
             check_state_paths(self.config)
+            check_draft_models(self.config)
+            self.proposer = entry.proposer_cls()(self.config, self.num_speculative_tokens)
             share = sharing_config(extra)
             budget_config = draft_budget_config(extra.get(CONFIG_KEY))
             check_state_paths(budget_config, prefix="draft_budget.")
@@ -69,6 +71,7 @@ class PluginDrafter:
             # vLLM wraps this in "Failed to instantiate custom proposer": keep ours first.
             raise ValueError(f"vllm-spec-plugins: {e}") from None
         self.max_model_len = int(vllm_config.model_config.max_model_len)
+        self._check_vocab(vllm_config.model_config)
         self.owner = owns_replica_state(*(ranks or current_ranks()))
         self.background = BackgroundWork()
         self.requests = RequestTable(self.proposer, self.background)
@@ -93,6 +96,7 @@ class PluginDrafter:
                                           after_merge=self._release_deferred)
         self._runner: Any = None
         self._step_budget = 0
+        self.metrics_file = MetricsFileWriter()
         self.stats = {"steps": 0, "rows": 0, "drafted_tokens": 0, "propose_seconds": 0.0,
                       "errors": 0, "busy_steps": 0}
         if patch_runner:
@@ -101,6 +105,20 @@ class PluginDrafter:
             apply_patches(RUNNER_PATCHES)
         logger.info("vllm-spec-plugins: method=%s k=%d config=%s", self.method,
                     self.num_speculative_tokens, self.config.model_dump())
+
+    def _check_vocab(self, model_config: Any) -> None:
+        """A proposer with a model of its own (``vocab_size``) must draft ids
+        of the target's vocabulary."""
+        mine = getattr(self.proposer, "vocab_size", None)
+        get = getattr(model_config, "get_vocab_size", None)
+        if mine is None or get is None:
+            return
+        target = int(get())
+        if int(mine) != target:
+            raise ValueError(
+                f"vllm-spec-plugins: additional_config.{CONFIG_KEY}: method {self.method!r} "
+                f"drafts with a model of vocabulary size {mine}, the target's is {target}; "
+                "use a draft model with the target's tokenizer")
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         """No draft model; compile the proposer's kernels before serving."""
@@ -119,17 +137,23 @@ class PluginDrafter:
         idle = not getattr(scheduler_output, "total_num_scheduled_tokens", 1)
         lock = self.background.proposer_lock
         if len(self.requests):
+            released = False
             if lock.acquire(blocking=False):
                 try:
                     self._release_deferred()
+                    released = not self.requests.unreleased
                 finally:
                     lock.release()
-            elif idle:
+            if idle and not released and self.requests.unreleased:
+                # No later step will come: the background thread releases them
+                # (after any state it is still building: its jobs run in order).
                 self.background.submit_locked("releasing finished requests",
                                               self._release_deferred)
         if self.sharing is not None:
             # Idle: push what the last requests taught now, not next time.
             self.sharing.tick(force=idle)
+        if idle:
+            self.metrics_file.maybe_write(self.prometheus_counters, force=True)
 
     def on_draft_call(self, runner: Any, scheduler_output: Any) -> None:
         self._runner = runner
@@ -174,7 +198,29 @@ class PluginDrafter:
             lock.release()
             self.stats["steps"] += 1
             self.stats["propose_seconds"] += time.perf_counter() - t0
+        self.metrics_file.maybe_write(self.prometheus_counters)
         return drafts
+
+    def prometheus_counters(self) -> list:
+        """(name, help, labels, value) for the server's /metrics (server_metrics.py)."""
+        m = {"method": self.method}
+        b = self.budget.stats
+        out = [("vsp_drafter_steps_total", "Drafting calls of the engine steps", m,
+                self.stats["steps"]),
+               ("vsp_drafter_drafted_tokens_total", "Draft tokens sent for verification", m,
+                self.stats["drafted_tokens"]),
+               ("vsp_drafter_errors_total", "Proposer failures (each cost drafts, no request)",
+                m, self.stats["errors"] + self.requests.stats["errors"])]
+        for stage, key in (("proposed", "proposed_tokens"), ("kept", "kept_tokens"),
+                           ("accepted", "accepted_tokens")):
+            out.append(("vsp_draft_budget_tokens_total",
+                        "Draft tokens the method proposed, the budget kept, the target accepted",
+                        {**m, "stage": stage}, b[key]))
+        try:
+            out += [(n, d, {**m, **lab}, v) for n, d, lab, v in self.proposer.prometheus_counters()]
+        except Exception:  # diagnostics must never break a step
+            pass
+        return out
 
     def _draft(self, batch: Any, sampled_token_ids, num_tokens_no_spec, token_ids_cpu,
                drafts: list[list[int]]) -> None:

@@ -59,6 +59,11 @@ class RequestTable:
     def __len__(self) -> int:
         return len(self._records) + len(self._finishing)
 
+    @property
+    def unreleased(self) -> int:
+        """Finished requests whose proposer state is not released yet."""
+        return len(self._finishing)
+
     def get(self, req_id: str) -> Optional[RequestRecord]:
         return self._records.get(req_id)
 
@@ -126,9 +131,16 @@ class RequestTable:
         """Call with the proposer lock held: let the proposer learn from and
         release every finished request. Returns how many were released."""
         done = 0
+        still_building = []
         while self._finishing:
             rec, aborted = self._finishing.pop(0)
-            if rec.preparing is not None and rec.preparing.done() and not rec.ready:
+            if rec.preparing is not None and not rec.preparing.done():
+                # Its state is still being built on the background thread:
+                # release it once built (a proposer's state may hold resources,
+                # e.g. a draft model's KV cache, that only finish_request frees).
+                still_building.append((rec, aborted))
+                continue
+            if rec.preparing is not None and not rec.ready:
                 try:  # built in the background, never installed: release it too
                     if not rec.preparing.cancelled():
                         rec.state, rec.ready = rec.preparing.result(), True
@@ -141,4 +153,5 @@ class RequestTable:
                     self.fail(rec, "finish_request")
             rec.state = None
             done += 1
+        self._finishing.extend(still_building)
         return done

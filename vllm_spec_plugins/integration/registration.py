@@ -42,6 +42,9 @@ def register() -> None:
                            versions.unsupported_message(versions.installed_vllm_version()))
         return
     from .patches import REGISTRATION_PATCHES, apply_patches
+    from .server_metrics import install_collector
+
+    install_collector()  # the drafter's counters on the API server's /metrics
 
     try:
         apply_patches(REGISTRATION_PATCHES)
@@ -60,13 +63,14 @@ def validate_engine_config(vllm_config: Any) -> None:
         return
     from vllm_spec_plugins.registry import resolve
 
-    from .state_files import check_state_paths
+    from .state_files import check_draft_models, check_state_paths
 
     extra = getattr(vllm_config, "additional_config", None) or {}
     try:
         check_num_speculative_tokens(spec.num_speculative_tokens)
         _, _, config = resolve(extra.get(CONFIG_KEY))
         check_state_paths(config)
+        check_draft_models(config)
         sharing_config(extra)
     except PluginConfigError as e:
         raise ValueError(f"vllm-spec-plugins: {e}") from None

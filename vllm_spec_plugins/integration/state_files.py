@@ -31,13 +31,47 @@ logger = logging.getLogger("vllm_spec_plugins")
 EXIT_LOCK_TIMEOUT_S = 30.0
 
 
-def state_paths(config: BaseModel, prefix: str = "") -> Iterator[tuple[str, str]]:
-    """(dotted setting name, path) of every ``*_path`` setting that is set."""
+def _settings(config: BaseModel, prefix: str = "") -> Iterator[tuple[str, str, Any]]:
+    """(dotted name, field name, value) of every setting, nested models and
+    lists of them (a cascade's levels) included."""
     for name, value in config:
         if isinstance(value, BaseModel):
-            yield from state_paths(value, f"{prefix}{name}.")
-        elif name.endswith("_path") and isinstance(value, str) and value:
-            yield f"{prefix}{name}", value
+            yield from _settings(value, f"{prefix}{name}.")
+        elif isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
+            for i, v in enumerate(value):
+                yield from _settings(v, f"{prefix}{name}.{i}.")
+        else:
+            yield f"{prefix}{name}", name, value
+
+
+def state_paths(config: BaseModel, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted setting name, path) of every ``*_path`` setting that is set."""
+    for dotted, name, value in _settings(config, prefix):
+        if name.endswith("_path") and isinstance(value, str) and value:
+            yield dotted, value
+
+
+def check_draft_models(config: BaseModel, prefix: str = "") -> None:
+    """Raise PluginConfigError naming the setting if a draft model (a cascade
+    level's ``model``) is not on this machine. Checked where the engine runs
+    (startup, drafter), not where a Ray recipe is written."""
+    from vllm_spec_plugins.config import DraftModelLevel, check_draft_model_path
+
+    def walk(cfg: BaseModel, pre: str) -> None:
+        if isinstance(cfg, DraftModelLevel):
+            try:
+                check_draft_model_path(cfg.model)
+            except ValueError as e:
+                raise PluginConfigError(f"additional_config.{CONFIG_KEY}.{pre}model: {e}") from None
+        for name, value in cfg:
+            if isinstance(value, BaseModel):
+                walk(value, f"{pre}{name}.")
+            elif isinstance(value, list):
+                for i, v in enumerate(value):
+                    if isinstance(v, BaseModel):
+                        walk(v, f"{pre}{name}.{i}.")
+
+    walk(config, prefix)
 
 
 def check_state_paths(config: BaseModel, prefix: str = "") -> None:

@@ -209,3 +209,8 @@ class Proposer(abc.ABC):
 
     def warmup(self) -> None:
         """Compile/prepare before serving (called once by the integration layer)."""
+
+    def prometheus_counters(self) -> list[tuple[str, str, dict, float]]:
+        """Counters of this proposer for the server's ``/metrics``: (name
+        ending in ``_total``, help text, labels, value). Default: none."""
+        return []

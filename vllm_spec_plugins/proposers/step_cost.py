@@ -182,6 +182,14 @@ class StepCostModel:
         length) can measure it."""
         return self.steps >= self.min_steps and self.token_price(rows) is None
 
+    def tokens_per_second(self) -> Optional[float]:
+        """Output tokens per second of the recent pure decode steps (``E / T``
+        averaged over them, drafting time included): what a second of extra
+        step time is worth, for a drafter deciding whether more work pays."""
+        if self.steps < 1 or self._sy <= 0.0:
+            return None
+        return self._out / self._sy
+
     @property
     def stats(self) -> dict[str, object]:
         fit = self._fit()

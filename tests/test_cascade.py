@@ -1,0 +1,235 @@
+"""The cascade proposer without an engine: n-gram lookup, settings errors,
+and the vertical/horizontal cascade on a real small model (SmolLM2-135M cut
+to a few layers, through transformers; no vLLM)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vllm_spec_plugins.config import CascadeConfig
+from vllm_spec_plugins.engine_config import PluginConfigError
+from vllm_spec_plugins.proposers.base import Proposer, ScoredDraft
+from vllm_spec_plugins.proposers.prompt_lookup import lookup
+from vllm_spec_plugins.registry import resolve
+
+LAYERS = 4
+
+
+# ------------------------------------------------------------ n-gram lookup
+def test_lookup_copies_after_the_latest_longest_match():
+    ctx = np.array([1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 2, 3], np.int32)
+    toks, n = lookup(ctx, 3, 1, 3)
+    assert n == 2 and toks.tolist() == [7, 8, 5]  # "2 3" last seen before "7 8 5"
+    toks, n = lookup(ctx, 3, 3, 3)
+    assert n == 0 and toks.tolist() == []  # "5 2 3" occurs nowhere earlier
+    assert lookup(np.array([4, 4], np.int32), 2, 1, 2)[0].tolist() == [4]
+
+
+# ------------------------------------------------------------ settings
+def _resolve(levels):
+    return resolve({"method": "cascade", "levels": levels})
+
+
+def test_bad_levels_fail_naming_the_field():
+    with pytest.raises(PluginConfigError, match=r"levels: .*below a model-free level"):
+        _resolve([{"type": "suffix_tree"}, {"type": "draft_model", "model": "smollm2-135m"}])
+    with pytest.raises(PluginConfigError, match=r"levels: .*needs at least one draft_model"):
+        _resolve([{"type": "suffix_tree"}])
+    with pytest.raises(PluginConfigError, match=r"levels\.0\.draft_model\.passes"):
+        _resolve([{"type": "draft_model", "model": "smollm2-135m", "passes": 0}])
+
+
+def _check_here(levels):
+    from vllm_spec_plugins.integration.state_files import check_draft_models
+
+    check_draft_models(_resolve(levels)[2])
+
+
+def test_a_missing_draft_model_fails_at_startup_naming_the_field(monkeypatch):
+    # Checked where the engine runs (vLLM startup, the drafter), not when a
+    # Ray recipe is written for another machine.
+    with pytest.MonkeyPatch.context() as mp:  # an empty model cache: nothing fetched
+        mp.setenv("VSP_MODEL_CACHE", "/nonexistent-model-cache")
+        with pytest.raises(PluginConfigError, match=r"levels\.0\.model: model 'smollm2-135m' is "
+                                                    r"not fetched yet: run `vllm-spec-plugins "
+                                                    r"models fetch smollm2-135m`"):
+            _check_here([{"type": "draft_model", "model": "smollm2-135m"}])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PluginConfigError, match=r"levels\.0\.model: '/no/such/dir' is neither"):
+        _check_here([{"type": "draft_model", "model": "/no/such/dir"}])
+    with pytest.raises(PluginConfigError, match=r"HF_HUB_OFFLINE is set"):
+        _check_here([{"type": "draft_model", "model": "Qwen/Qwen2.5-Coder-0.5B-Instruct"}])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    _check_here([{"type": "draft_model", "model": "Qwen/Qwen2.5-Coder-0.5B-Instruct"}])
+
+
+def test_bad_level_settings_fail_naming_the_field():
+    with pytest.raises(PluginConfigError, match=r"levels\.1\.ngram\.max_n: .*>= min_n"):
+        _resolve([{"type": "draft_model", "model": "smollm2-135m"},
+                  {"type": "ngram", "min_n": 4, "max_n": 2}])
+    with pytest.raises(PluginConfigError, match=r"levels\.1: .*tag 'suffix_trie'"):
+        _resolve([{"type": "draft_model", "model": "smollm2-135m"}, {"type": "suffix_trie"}])
+
+
+# ------------------------------------------------------------ on a real model
+@pytest.fixture(scope="module")
+def reference():
+    from vllm_spec_plugins.models import ensure_model
+    from vllm_spec_plugins.proposers.causal_lm import CausalLMDrafter
+
+    return CausalLMDrafter(str(ensure_model("smollm2-135m", progress=False)), num_layers=LAYERS)
+
+
+def greedy(ref, ctx, n):
+    st = ref.new_state()
+    seq = np.asarray(ctx, np.int64)
+    out = []
+    try:
+        for _ in range(n):
+            ids, _ = ref.predict(st, seq, 1)
+            out.append(int(ids[-1]))
+            seq = np.append(seq, ids[-1])
+    finally:
+        ref.release(st)
+    return out
+
+
+def cascade(passes, lower=({"type": "suffix_tree"}, {"type": "ngram"}), k=8, **model):
+    from vllm_spec_plugins.proposers.cascade import CascadeProposer
+
+    cfg = CascadeConfig(levels=[{"type": "draft_model", "model": "smollm2-135m",
+                                 "num_layers": LAYERS, "passes": passes, **model}, *lower])
+    return CascadeProposer(cfg, k)
+
+
+PROMPT = np.array([1, 504, 3100, 314, 253, 1345, 28, 1675, 2500, 30] * 3, np.int32)
+
+
+def run_steps(p, ref, steps=5, k=8, check_greedy=True):
+    """Draft, then deliver tokens as a target would: the first 2 drafted
+    tokens and a different one (a rejection), so the caches must roll back."""
+    st = p.start_request("r", PROMPT)
+    ctx = PROMPT.copy()
+    drafts = []
+    for _ in range(steps):
+        d = p.propose_scored_batch([(st, ctx, k)])[0]
+        drafts.append(d)
+        if check_greedy:
+            assert d.tokens == greedy(ref, ctx, k)
+        assert len(d.tokens) == len(d.probs) and all(0.0 < x <= 1.0 for x in d.probs)
+        keep = d.tokens[:2]
+        nxt = d.tokens[len(keep)] if len(d.tokens) > len(keep) else 0
+        new = np.array(keep + [(nxt + 1) % 49152], np.int32)  # not the drafted one
+        p.on_tokens(st, new)
+        ctx = np.concatenate([ctx, new])
+    p.finish_request(st)
+    return drafts
+
+
+def test_vertical_cascade_drafts_exactly_the_models_greedy_tokens(reference):
+    """With a pass per position the model checks every token: cheap tokens
+    are kept only where the model would have chosen them, so the draft is the
+    model's own greedy continuation, however the cheap levels guessed."""
+    p = cascade(passes=8)
+    run_steps(p, reference)
+    stats = p.stats
+    model = stats["levels"]["draft_model"]
+    # fewer forward passes than tokens: some passes took several cheap tokens
+    drafted = sum(v["drafted"] for v in stats["sources"].values())
+    assert model["passes"] <= 5 * 8 and drafted > 0
+    assert model["cached_tokens"] == 0  # released at finish
+    # every scored source is the model's own or a cheap token it agreed with
+    assert all(s == "draft_model" or s.endswith(">draft_model") for s in stats["sources"])
+
+
+def test_horizontal_cascade_fills_later_positions_from_cheaper_levels(reference):
+    p = cascade(passes=1)
+    drafts = run_steps(p, reference, check_greedy=False)
+    st = p.start_request("h", PROMPT)
+    d = p.propose_scored_batch([(st, PROMPT, 8)])[0]
+    srcs = st.last[1]
+    # one pass: the model's token(s) first, then unchecked suffix-tree/n-gram tokens
+    assert srcs[0].endswith("draft_model")
+    assert any(s in ("suffix_tree", "ngram") for s in srcs), srcs
+    assert d.tokens[:1] == greedy(reference, PROMPT, 1)
+    assert all(x.tokens for x in drafts)
+    p.finish_request(st)
+
+
+class FailingLevel(Proposer):
+    def start_request(self, req_id, prompt):
+        return None
+
+    def on_tokens(self, state, new):
+        pass
+
+    def propose(self, state, context, max_tokens):
+        raise RuntimeError("injected level failure")
+
+
+def test_a_failing_level_leaves_the_others_drafting(reference):
+    p = cascade(passes=8)
+    p.lower.insert(0, ("failing", FailingLevel()))
+    p.lower_errors["failing"] = 0
+    run_steps(p, reference, steps=2)  # still the model's exact greedy drafts
+    assert p.stats["levels"]["failing"]["errors"] > 0
+    # the model level failing: its rows fall back to the cheap proposal, unchecked
+    q = cascade(passes=8)
+    m = q.models[0]
+
+    def boom(*a, **k):
+        raise RuntimeError("injected model failure")
+
+    m.timed_predict = boom
+    st = q.start_request("f", PROMPT)
+    d = q.propose_scored_batch([(st, PROMPT, 8)])[0]
+    assert d.tokens and all(s in ("suffix_tree", "ngram") for s in st.last[1])
+    assert q.stats["levels"]["draft_model"]["errors"] > 0
+
+
+def test_draft_model_cache_is_bounded_and_still_exact(reference):
+    p = cascade(passes=8, max_cached_tokens=256)
+    prompt = np.tile(PROMPT, 3)
+    states = [p.start_request(f"r{i}", prompt) for i in range(4)]  # 4 x 90 prompt tokens
+    lm = p.models[0].lm
+    expected = greedy(reference, prompt, 8)
+    for st in states + states:  # the second round re-reads evicted contexts
+        d = p.propose_scored_batch([(st, prompt, 8)])[0]
+        assert d.tokens == expected
+        assert lm.stats["cached_tokens"] <= 256
+    assert lm.stats["evictions"] > 0
+    for st in states:
+        p.finish_request(st)
+    assert lm.stats["cached_tokens"] == 0
+
+
+def test_auto_passes_stop_when_a_pass_costs_more_than_it_gains(reference):
+    p = cascade(passes="auto")
+    m = p.models[0]
+
+    class Throughput:
+        def __init__(self, tps):
+            self.tps = tps
+
+        def tokens_per_second(self):
+            return self.tps
+
+    st = p.start_request("a", PROMPT)
+    p.set_step_cost(Throughput(1e6))  # a second of step time is worth a million tokens
+    m.pass_seconds = 1.0
+    p.propose_scored_batch([(st, PROMPT, 8)])
+    assert m.passes == 1  # only the first pass, which keeps the estimates measured
+    p.set_step_cost(Throughput(1e-3))  # a target so slow that any pass pays
+    before = m.passes
+    d = p.propose_scored_batch([(st, PROMPT, 8)])[0]
+    assert m.passes - before >= 2 and d.tokens == greedy(reference, PROMPT, 8)
+    p.finish_request(st)
+
+
+def test_scored_draft_has_a_stratum_per_source(reference):
+    p = cascade(passes=8)
+    st = p.start_request("s", PROMPT)
+    d = p.propose_scored_batch([(st, PROMPT, 8)])[0]
+    assert isinstance(d, ScoredDraft) and d.stratum in (0, 1)
+    p.finish_request(st)

@@ -1,0 +1,39 @@
+"""The drafter counters' way to the server's /metrics, without a server: files
+written by a drafter process, read by the collector (server_metrics.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from vllm_spec_plugins.integration.server_metrics import DrafterCollector, MetricsFileWriter
+
+
+def counters(n):
+    return [("vsp_cascade_drafted_tokens_total", "help", {"source": "draft_model",
+                                                           "position": "1"}, n),
+            ("vsp_drafter_steps_total", "help", {"method": "cascade"}, 2 * n)]
+
+
+def test_collector_reads_live_drafters_only(tmp_path):
+    w = MetricsFileWriter(str(tmp_path))
+    w.maybe_write(lambda: counters(5))
+    w.maybe_write(lambda: counters(6))  # within the interval: not written
+    assert w.writes == 1
+    # a file of a process that is gone is ignored
+    (tmp_path / "drafter-999999999.json").write_text(json.dumps({"counters": counters(100)}))
+    (tmp_path / "drafter-bad.json").write_text("{")  # a damaged file too
+    fams = {f.name: f for f in DrafterCollector(str(tmp_path)).collect()}
+    # prometheus_client strips the _total suffix from a counter family's name
+    drafted = fams["vsp_cascade_drafted_tokens"].samples
+    assert [(s.labels, s.value) for s in drafted if s.name.endswith("_total")] == [
+        ({"position": "1", "source": "draft_model"}, 5.0)]
+    assert fams["vsp_drafter_steps"].samples[0].value == 10.0
+    assert os.path.basename(w.path) == f"drafter-{os.getpid()}.json"
+
+
+def test_without_a_directory_nothing_is_written(monkeypatch):
+    monkeypatch.delenv("VSP_METRICS_DIR", raising=False)
+    w = MetricsFileWriter()
+    w.maybe_write(lambda: counters(1))
+    assert w.path is None and w.writes == 0

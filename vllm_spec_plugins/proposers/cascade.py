@@ -1,0 +1,437 @@
+"""Cascade Speculative Drafting (arXiv 2312.11462): a draft model that is
+itself drafted by cheaper drafters.
+
+Levels, top (strongest, dearest) to bottom (cheapest):
+
+* **draft-model levels** (:class:`~.causal_lm.CausalLMDrafter`): a small LM
+  with the target's tokenizer;
+* **model-free levels** (suffix tree, Token Recycling, their hybrid, n-gram
+  lookup): together they make one proposal per row, the first of them (in
+  order) that drafts something.
+
+**Vertical cascade.** A model level does not generate token by token. Each
+*pass* takes the proposal of the level below for the context so far and
+checks it in one forward pass: the proposal's tokens are kept while they
+equal the model's greedy choice, and the model's own token follows at the
+first disagreement (or after the whole proposal). So a pass adds at least
+one token and, where the cheap level guessed right, many. The level below
+is asked again after each pass, from the extended context.
+
+**Horizontal cascade.** Positions after the model level's last pass come
+from the levels below as they are (unchecked by the model). How many passes
+a model level runs is ``passes``: an int, or ``"auto"``: a pass runs only
+while the acceptance measured online at the position it reaches, for tokens
+this level produced, pays for the pass's measured time at the engine's
+measured throughput (the same rule as the draft budget: a pass of ``s``
+seconds that adds an accepted token with probability ``q`` pays iff
+``q > s * E / T``).
+
+**Losslessness.** The cascade only chooses which tokens to draft; the target
+verifies them. Drafts are deterministic (greedy model choices, copied
+tokens), so vLLM's rejection sampler treats each as a point mass (q = 1):
+under random sampling a token is accepted with the target's probability for
+it, and a rejection resamples from the target with that token removed,
+which leaves the target's distribution unchanged whatever chose the draft.
+
+**Failures.** A level that raises drafts nothing for that row on that call;
+the other levels go on (a model level's row falls back to the proposal
+below it, unchecked). Errors are counted per level.
+
+**Metrics.** Every drafted token carries its source (``draft_model``: the
+model's own token; ``suffix_tree>draft_model``: a cheaper level's token the
+model agreed with; ``suffix_tree``: a cheaper level's token past the model's
+passes). When the next tokens arrive, each source's tokens are scored per
+draft position (drafted, accepted): in ``stats`` (the drafter snapshot).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from typing import Any, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from vllm_spec_plugins.config import CascadeConfig, DraftModelLevel, check_draft_model_path
+
+from .base import Proposer, ScoredDraft
+
+__all__ = ["CascadeConfig", "CascadeProposer", "CascadeState", "LevelStats"]
+
+logger = logging.getLogger("vllm_spec_plugins")
+
+#: Draft positions tracked per source (later ones are counted in the last).
+TRACKED_POSITIONS = 32
+#: Prior of the online acceptance per position ("auto" passes): this many
+#: pseudo-observations at PRIOR_ACCEPTANCE, so early passes run and get measured.
+PRIOR_WEIGHT = 4.0
+PRIOR_ACCEPTANCE = 0.6
+#: Smoothing of a level's measured pass time.
+PASS_TIME_EMA = 0.1
+
+
+class LevelStats:
+    """Drafted and accepted tokens per draft position for one source."""
+
+    __slots__ = ("drafted", "accepted")
+
+    def __init__(self) -> None:
+        self.drafted = np.zeros(TRACKED_POSITIONS, np.int64)
+        self.accepted = np.zeros(TRACKED_POSITIONS, np.int64)
+
+    def rate(self, pos: int) -> float:
+        """Accepted / drafted at ``pos`` with a prior (for ``auto`` passes)."""
+        p = min(pos, TRACKED_POSITIONS - 1)
+        return float((self.accepted[p] + PRIOR_WEIGHT * PRIOR_ACCEPTANCE)
+                     / (self.drafted[p] + PRIOR_WEIGHT))
+
+    def as_dict(self) -> dict[str, Any]:
+        n = int(np.max(np.flatnonzero(self.drafted), initial=-1)) + 1
+        d, a = int(self.drafted.sum()), int(self.accepted.sum())
+        return {"drafted": d, "accepted": a,
+                "acceptance": round(a / d, 3) if d else None,
+                "drafted_per_position": self.drafted[:n].tolist(),
+                "accepted_per_position": self.accepted[:n].tolist()}
+
+
+class CascadeState(NamedTuple):
+    lm: list            # per model level: its LMState (None if that level failed to start)
+    lower: list         # per model-free level: what its start_request returned
+    last: list          # [tokens, sources] of the last draft, scored when tokens arrive
+
+
+class _ModelLevel:
+    def __init__(self, index: int, config: DraftModelLevel) -> None:
+        from .causal_lm import CausalLMDrafter
+
+        self.index = index
+        self.config = config
+        self.name = "draft_model" if index == 0 else f"draft_model{index}"
+        self.lm = CausalLMDrafter(check_draft_model_path(config.model), config.dtype,
+                                  config.num_layers, config.max_cached_tokens, config.device)
+        self.pass_seconds: Optional[float] = None  # per row, smoothed
+        self.passes = 0
+        self.errors = 0
+
+    def timed_predict(self, state, seq, n_out):
+        t0 = time.perf_counter()
+        out = self.lm.predict(state, seq, n_out)
+        dt = time.perf_counter() - t0
+        ps = self.pass_seconds
+        self.pass_seconds = dt if ps is None else ps + PASS_TIME_EMA * (dt - ps)
+        self.passes += 1
+        return out
+
+
+class CascadeProposer(Proposer):
+    """Draft-model levels over model-free levels (see module note)."""
+
+    def __init__(self, config: CascadeConfig, num_speculative_tokens: int) -> None:
+        from vllm_spec_plugins.registry import METHODS
+
+        self.config = config
+        self.num_speculative_tokens = max(0, int(num_speculative_tokens))
+        self.models: list[_ModelLevel] = []
+        self.lower: list[tuple[str, Proposer]] = []
+        for lvl in config.levels:
+            if lvl.type == "draft_model":
+                self.models.append(_ModelLevel(len(self.models), lvl))
+            else:
+                settings = lvl.model_dump(exclude={"type"})
+                if lvl.type == "ngram":
+                    from .prompt_lookup import PromptLookupConfig, PromptLookupProposer
+
+                    p: Proposer = PromptLookupProposer(PromptLookupConfig(**settings),
+                                                       num_speculative_tokens)
+                else:
+                    entry = METHODS[lvl.type]
+                    p = entry.proposer_cls()(entry.config_cls(**settings), num_speculative_tokens)
+                self.lower.append((lvl.type, p))
+        self.target_topk = max([p.target_topk for _, p in self.lower], default=0)
+        self.vocab_size = self.models[0].lm.vocab_size
+        for m in self.models[1:]:
+            if m.lm.vocab_size != self.vocab_size:
+                raise ValueError(f"cascade levels {m.index} and 0 have different vocabularies "
+                                 f"({m.lm.vocab_size} vs {self.vocab_size})")
+        self._step_cost = None
+        self.source_stats: dict[str, LevelStats] = {}
+        self.lower_errors = {name: 0 for name, _ in self.lower}
+        self.rows = 0
+
+    # ---------------------------------------------------------- lifecycle
+    def start_request(self, req_id: str, prompt_token_ids: np.ndarray) -> CascadeState:
+        prompt = np.asarray(prompt_token_ids, dtype=np.int64)
+        lm_states = []
+        for m in self.models:
+            st = m.lm.new_state()
+            try:
+                m.lm.predict(st, prompt, 1)  # prefill: the first step then only runs new tokens
+            except Exception:
+                m.errors += 1
+                logger.warning("vllm-spec-plugins: cascade level %s failed reading the prompt of "
+                               "%s; it re-reads the context when it drafts:\n%s", m.name, req_id,
+                               traceback.format_exc())
+                st.cache = None
+            lm_states.append(st)
+        lower = []
+        for name, p in self.lower:
+            try:
+                lower.append(p.start_request(req_id, prompt_token_ids))
+            except Exception:
+                self._lower_failed(name, "start_request")
+                lower.append(_BROKEN)
+        return CascadeState(lm_states, lower, [None, None])
+
+    def on_tokens(self, state: CascadeState, new_token_ids: np.ndarray) -> None:
+        self._score_last(state, new_token_ids)
+        for i, (name, p) in enumerate(self.lower):
+            s = state.lower[i]
+            if s is _BROKEN:
+                continue
+            try:
+                p.on_tokens(s, new_token_ids)
+            except Exception:
+                self._lower_failed(name, "on_tokens")
+                state.lower[i] = _BROKEN
+
+    def on_target_topk(self, state: CascadeState, input_token_ids, topk_ids, topk_probs) -> None:
+        for i, (name, p) in enumerate(self.lower):
+            if p.target_topk and state.lower[i] is not _BROKEN:
+                try:
+                    p.on_target_topk(state.lower[i], input_token_ids, topk_ids, topk_probs)
+                except Exception:
+                    self._lower_failed(name, "on_target_topk")
+
+    def finish_request(self, state: CascadeState, aborted: bool = False) -> None:
+        for m, st in zip(self.models, state.lm):
+            m.lm.release(st)
+        for i, (name, p) in enumerate(self.lower):
+            if state.lower[i] is not _BROKEN:
+                try:
+                    p.finish_request(state.lower[i], aborted)
+                except Exception:
+                    self._lower_failed(name, "finish_request")
+
+    def _lower_failed(self, name: str, where: str) -> None:
+        self.lower_errors[name] += 1
+        logger.warning("vllm-spec-plugins: cascade level %s failed in %s (the other levels go "
+                       "on drafting):\n%s", name, where, traceback.format_exc())
+
+    # ------------------------------------------------------------- scoring
+    def _score_last(self, state: CascadeState, new: np.ndarray) -> None:
+        """Score the last draft against the tokens that followed it: position
+        i was reached if all before it matched; it was accepted if it matched
+        too. (A token past the budget's cut that equals the target's next
+        token counts as accepted: the target did produce it.)"""
+        tokens, sources = state.last
+        state.last[0] = state.last[1] = None
+        if not tokens:
+            return
+        n = min(len(tokens), len(new))
+        for i in range(n):
+            st = self.source_stats.get(sources[i])
+            if st is None:
+                st = self.source_stats[sources[i]] = LevelStats()
+            p = min(i, TRACKED_POSITIONS - 1)
+            st.drafted[p] += 1
+            if int(new[i]) != tokens[i]:
+                break
+            st.accepted[p] += 1
+
+    # ------------------------------------------------------------ drafting
+    def propose(self, state: CascadeState, context: np.ndarray, max_tokens: int) -> list[int]:
+        return self.propose_scored_batch([(state, context, max_tokens)])[0].tokens
+
+    def propose_scored_batch(self, batch: Sequence[tuple[CascadeState, np.ndarray, int]],
+                             price: Optional[float] = None) -> list[ScoredDraft]:
+        """One draft per row: the top model level's, built as the module note says."""
+        self.rows += len(batch)
+        out = []
+        for state, ctx, k in batch:
+            k = min(int(k), self.num_speculative_tokens)
+            ctx64 = np.asarray(ctx, dtype=np.int64)
+            toks, probs, srcs = self._draft(0, state, ctx64, k, len(batch))
+            state.last[0], state.last[1] = toks, srcs
+            out.append(ScoredDraft(toks, probs, self._stratum(srcs)))
+        return out
+
+    def _stratum(self, sources: list[str]) -> int:
+        """The budget calibrates per stratum: the first token's kind of source
+        (model's own / checked by a model / unchecked), per model level."""
+        if not sources:
+            return 0
+        s = sources[0]
+        if ">" in s:
+            return 1
+        return 0 if s.startswith("draft_model") else 2
+
+    def _lower_draft(self, state: CascadeState, ctx: np.ndarray, k: int, rows: int
+                     ) -> tuple[list[int], list[float], list[str]]:
+        for i, (name, p) in enumerate(self.lower):
+            s = state.lower[i]
+            if s is _BROKEN or k <= 0:
+                continue
+            try:
+                d = p.propose_scored_batch([(s, ctx.astype(np.int32), k)], None)[0]
+            except Exception:
+                self._lower_failed(name, "propose")
+                continue
+            if d.tokens:
+                toks = [int(t) for t in d.tokens[:k]]
+                probs = list(d.probs[:k]) if d.probs is not None else [0.5] * len(toks)
+                return toks, [float(x) for x in probs], [name] * len(toks)
+        return [], [], []
+
+    def _draft(self, level: int, state: CascadeState, ctx: np.ndarray, k: int, rows: int
+               ) -> tuple[list[int], list[float], list[str]]:
+        if k <= 0:
+            return [], [], []
+        if level >= len(self.models):
+            return self._lower_draft(state, ctx, k, rows)
+        m = self.models[level]
+        lm_state = state.lm[level]
+        toks: list[int] = []
+        probs: list[float] = []
+        srcs: list[str] = []
+        passes = 0
+        while len(toks) < k and self._pass_pays(m, len(toks), passes, rows, probs):
+            below, below_p, below_s = self._draft(level + 1, state,
+                                                  _extend(ctx, toks), k - len(toks), rows)
+            seq = _extend(ctx, toks + below)
+            try:
+                ids, p = m.timed_predict(lm_state, seq, len(below) + 1)
+            except Exception:
+                m.errors += 1
+                logger.warning("vllm-spec-plugins: cascade level %s failed drafting (its row "
+                               "falls back to the levels below):\n%s", m.name,
+                               traceback.format_exc())
+                lm_state.cache = None
+                break
+            passes += 1
+            n = 0
+            while n < len(below) and int(ids[n]) == below[n]:
+                n += 1
+            toks += below[:n]
+            probs += [float(x) for x in p[:n]]
+            srcs += [f"{s}>{m.name}" for s in below_s[:n]]
+            if len(toks) < k:
+                toks.append(int(ids[n]))
+                probs.append(float(p[n]))
+                srcs.append(m.name)
+        if len(toks) < k:  # horizontal: the rest from the levels below, unchecked
+            below, below_p, below_s = self._draft(level + 1, state, _extend(ctx, toks),
+                                                  k - len(toks), rows)
+            toks += below
+            probs += below_p
+            srcs += below_s
+        return toks, probs, srcs
+
+    def _pass_pays(self, m: _ModelLevel, pos: int, passes: int, rows: int,
+                   probs: list[float]) -> bool:
+        fixed = m.config.passes
+        if fixed != "auto":
+            return passes < fixed
+        if passes == 0:
+            return True  # the first pass: it is what keeps the rate estimates measured
+        st = self._level_stats(m)
+        reach = 1.0
+        for i in range(pos):  # the chance the draft so far is all accepted
+            reach *= st.rate(i)
+        gain = reach * st.rate(pos)
+        tps = self._tokens_per_second()
+        if tps is None or m.pass_seconds is None:
+            return gain >= 0.5
+        return gain > m.pass_seconds * tps
+
+    def _level_stats(self, m: _ModelLevel) -> LevelStats:
+        """Acceptance per position of every token model level ``m`` produced
+        (its own and the ones it agreed with)."""
+        total = LevelStats()
+        for src, st in self.source_stats.items():
+            if src == m.name or src.endswith(">" + m.name):
+                total.drafted += st.drafted
+                total.accepted += st.accepted
+        return total
+
+    def _tokens_per_second(self) -> Optional[float]:
+        model = self._step_cost
+        fn = getattr(model, "tokens_per_second", None)
+        return fn() if fn is not None else None
+
+    # ------------------------------------------------------------- the rest
+    @property
+    def stats(self) -> dict[str, Any]:
+        levels = {}
+        for m in self.models:
+            levels[m.name] = {"model": m.config.model, "layers": m.lm.num_layers,
+                              "passes": m.passes, "errors": m.errors,
+                              "pass_ms": None if m.pass_seconds is None
+                              else round(m.pass_seconds * 1e3, 2),
+                              **{k: (round(v, 3) if isinstance(v, float) else v)
+                                 for k, v in m.lm.stats.items()}}
+        for name, _ in self.lower:
+            levels[name] = {"errors": self.lower_errors[name]}
+        return {"rows": self.rows, "levels": levels,
+                "sources": {s: st.as_dict() for s, st in sorted(self.source_stats.items())}}
+
+    def prometheus_counters(self) -> list[tuple[str, str, dict, float]]:
+        """Drafted and accepted tokens per source and draft position (1-based)."""
+        out = []
+        for src, st in sorted(self.source_stats.items()):
+            for pos in np.flatnonzero(st.drafted):
+                lab = {"source": src, "position": str(int(pos) + 1)}
+                out.append(("vsp_cascade_drafted_tokens_total",
+                            "Cascade draft tokens by source level and draft position", lab,
+                            int(st.drafted[pos])))
+                out.append(("vsp_cascade_accepted_tokens_total",
+                            "Accepted cascade draft tokens by source level and draft position",
+                            lab, int(st.accepted[pos])))
+        return out
+
+    def set_step_cost(self, model) -> None:
+        self._step_cost = model
+        for _, p in self.lower:
+            p.set_step_cost(model)
+
+    def warmup(self) -> None:
+        for m in self.models:
+            m.lm.warmup()
+        for _, p in self.lower:
+            p.warmup()
+
+    def enable_sharing(self) -> None:
+        for _, p in self.lower:
+            p.enable_sharing()
+
+    def export_shared(self) -> Optional[dict]:
+        out: dict = {}
+        for _, p in self.lower:
+            out.update(p.export_shared() or {})
+        return out or None
+
+    def import_shared(self, payload: dict) -> None:
+        for _, p in self.lower:
+            p.import_shared(payload)
+
+    def save_state(self) -> bool:
+        saved = False
+        for _, p in self.lower:
+            saved = p.save_state() or saved
+        return saved
+
+
+class _Broken:
+    """Marks a model-free level that failed for a request: it drafts nothing more there."""
+
+    def __repr__(self) -> str:
+        return "<broken level>"
+
+
+_BROKEN = _Broken()
+
+
+def _extend(ctx: np.ndarray, toks: list[int]) -> np.ndarray:
+    if not toks:
+        return ctx
+    return np.concatenate([ctx, np.asarray(toks, dtype=ctx.dtype)])

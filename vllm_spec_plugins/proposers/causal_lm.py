@@ -1,0 +1,163 @@
+"""A small causal LM used as a drafter, with one KV cache per request.
+
+The cascade's draft-model level (cascade.py) asks one thing of it: the
+model's greedy next token (and its probability) after each of the last few
+prefixes of a sequence, in one forward pass. The sequence is the request's
+context plus a proposal being checked; the cache keeps the KV of the last
+sequence seen, and a call first cuts it back to the longest prefix shared
+with the new one (tokens the target rejected, or a proposal that was not
+taken), so each step only runs the tokens that are new to the model.
+
+Memory is bounded: the caches of all requests hold at most
+``max_cached_tokens`` tokens; past that the least recently used request
+gives its cache up and re-reads its context the next time it drafts.
+
+Torch and transformers are imported when a model is loaded, never from vLLM.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Optional
+
+import numpy as np
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+class LMState:
+    """One request's KV cache and the tokens it holds."""
+
+    __slots__ = ("tokens", "cache", "key")
+
+    def __init__(self, key: int) -> None:
+        self.tokens: np.ndarray = np.zeros(0, np.int64)
+        self.cache: Any = None
+        self.key = key
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+class CausalLMDrafter:
+    """A Hugging Face causal LM with per-request KV caches (see module note)."""
+
+    def __init__(self, path: str, dtype: str = "float32", num_layers: Optional[int] = None,
+                 max_cached_tokens: int = 262144, device: str = "auto") -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self._torch = torch
+        if device == "auto":
+            # The worker's own GPU (vLLM sets the current device per worker).
+            device = (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
+                      else "cpu")
+        self.device = torch.device(device)
+        torch_dtype = getattr(torch, _DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(self.device)
+        layers = model.model.layers
+        if num_layers is not None:
+            if num_layers > len(layers):
+                raise ValueError(f"num_layers={num_layers} but {path} has {len(layers)} layers")
+            model.model.layers = layers[:num_layers]
+            model.config.num_hidden_layers = num_layers
+            if getattr(model.config, "layer_types", None):
+                model.config.layer_types = model.config.layer_types[:num_layers]
+        model.eval()
+        self.model = model
+        self.path = path
+        self.num_layers = len(model.model.layers)
+        self.vocab_size = int(model.config.vocab_size)
+        self.max_cached_tokens = int(max_cached_tokens)
+        self._live: "OrderedDict[int, LMState]" = OrderedDict()  # LRU order
+        self._lock = threading.Lock()  # the LRU table (start_request may run off-thread)
+        self._next_key = 0
+        self.stats = {"forwards": 0, "forward_tokens": 0, "forward_seconds": 0.0,
+                      "evictions": 0, "cached_tokens": 0}
+
+    # ----------------------------------------------------------- states
+    def new_state(self) -> LMState:
+        with self._lock:
+            self._next_key += 1
+            st = LMState(self._next_key)
+            self._live[st.key] = st
+        return st
+
+    def release(self, state: Optional[LMState]) -> None:
+        if state is None:
+            return
+        with self._lock:
+            self._live.pop(state.key, None)
+            state.cache, state.tokens = None, state.tokens[:0]
+            self._count()
+
+    def _count(self) -> None:
+        self.stats["cached_tokens"] = sum(len(s.tokens) for s in self._live.values())
+
+    def _make_room(self, state: LMState, extra: int) -> None:
+        """Evict least recently used caches (not ``state``'s) until ``extra``
+        more tokens fit under the bound."""
+        with self._lock:
+            self._live.move_to_end(state.key)
+            total = sum(len(s.tokens) for s in self._live.values())
+            for key in list(self._live):
+                if total + extra <= self.max_cached_tokens:
+                    break
+                s = self._live[key]
+                if s is state or s.cache is None:
+                    continue
+                total -= len(s.tokens)
+                s.cache, s.tokens = None, s.tokens[:0]
+                self.stats["evictions"] += 1
+            self.stats["cached_tokens"] = total + extra
+
+    # ----------------------------------------------------------- forward
+    def predict(self, state: LMState, seq: np.ndarray, n_out: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """The model's greedy next token and its probability after each of
+        the last ``n_out`` prefixes of ``seq`` (``seq[:len-n_out+1]`` ...
+        ``seq``), and the cache left holding ``seq``."""
+        torch = self._torch
+        seq = np.asarray(seq, dtype=np.int64)
+        L = len(seq)
+        n_out = max(1, min(int(n_out), L))
+        keep = common_prefix(state.tokens, seq) if state.cache is not None else 0
+        start = min(keep, L - n_out)  # the last n_out positions must be run
+        self._make_room(state, L - start)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            if state.cache is None or start == 0:
+                from transformers import DynamicCache
+
+                state.cache = DynamicCache(config=self.model.config)
+                start = 0
+            elif len(state.tokens) > start:
+                state.cache.crop(start - len(state.tokens))  # negative: drop that many
+            ids = torch.from_numpy(seq[start:]).unsqueeze(0).to(self.device)
+            out = self.model(input_ids=ids, past_key_values=state.cache, use_cache=True,
+                             logits_to_keep=n_out)
+            logits = out.logits[0, -n_out:].float()
+            probs = torch.softmax(logits, dim=-1)
+            top_p, top_i = probs.max(dim=-1)
+        state.cache = out.past_key_values
+        state.tokens = seq
+        st = self.stats
+        st["forwards"] += 1
+        st["forward_tokens"] += L - start
+        st["forward_seconds"] += time.perf_counter() - t0
+        return top_i.cpu().numpy().astype(np.int64), top_p.cpu().numpy().astype(np.float64)
+
+    def warmup(self) -> None:
+        """One small forward: allocations and kernel choices before serving."""
+        st = self.new_state()
+        try:
+            self.predict(st, np.arange(1, 9, dtype=np.int64) % self.vocab_size, 2)
+        finally:
+            self.release(st)
