@@ -141,6 +141,12 @@ def test_vertical_cascade_drafts_exactly_the_models_greedy_tokens(reference):
     assert model["cached_tokens"] == 0  # released at finish
     # every scored source is the model's own or a cheap token it agreed with
     assert all(s == "draft_model" or s.endswith(">draft_model") for s in stats["sources"])
+    # the same counts, per source and position, for the server's /metrics
+    counters = p.prometheus_counters()
+    drafted = {(lab["source"], lab["position"]): v for name, _, lab, v in counters
+               if name == "vsp_cascade_drafted_tokens_total"}
+    assert sum(drafted.values()) == sum(v["drafted"] for v in stats["sources"].values())
+    assert ("draft_model", "1") in drafted
 
 
 def test_horizontal_cascade_fills_later_positions_from_cheaper_levels(reference):
@@ -181,7 +187,7 @@ def test_a_failing_level_leaves_the_others_drafting(reference):
     def boom(*a, **k):
         raise RuntimeError("injected model failure")
 
-    m.timed_predict = boom
+    m.timed_predict = boom  # (states, seqs, n_outs)
     st = q.start_request("f", PROMPT)
     d = q.propose_scored_batch([(st, PROMPT, 8)])[0]
     assert d.tokens and all(s in ("suffix_tree", "ngram") for s in st.last[1])
@@ -232,4 +238,62 @@ def test_scored_draft_has_a_stratum_per_source(reference):
     st = p.start_request("s", PROMPT)
     d = p.propose_scored_batch([(st, PROMPT, 8)])[0]
     assert isinstance(d, ScoredDraft) and d.stratum in (0, 1)
+    p.finish_request(st)
+
+
+def test_batched_pass_equals_row_by_row(reference):
+    """One forward for several rows (left-padded caches, right-padded new
+    tokens) gives each row what its own forward gives, and leaves each row's
+    cache holding exactly its sequence."""
+    from vllm_spec_plugins.models import ensure_model
+    from vllm_spec_plugins.proposers.causal_lm import CausalLMDrafter
+
+    lm = CausalLMDrafter(str(ensure_model("smollm2-135m", progress=False)), num_layers=LAYERS)
+    rng = np.random.default_rng(0)
+    ctxs = [rng.integers(10, 4000, size=n).astype(np.int64) for n in (12, 40, 25)]
+    states = [lm.new_state() for _ in ctxs]
+    for st, c in zip(states, ctxs):
+        lm.predict(st, c, 1)  # cached
+    # new sequences: one extended by 5, one rolled back 3 then extended by 2, one by 1
+    seqs = [np.append(ctxs[0], [5, 6, 7, 8, 9]), np.append(ctxs[1][:-3], [11, 12]),
+            np.append(ctxs[2], [13])]
+    n_outs = [6, 3, 2]
+    got = lm.predict_batch(states, seqs, n_outs)
+    for st, q, n, (ids, p) in zip(states, seqs, n_outs, got):
+        fresh = reference.new_state()
+        ref_ids, ref_p = reference.predict(fresh, q, n)
+        reference.release(fresh)
+        assert ids.tolist() == ref_ids.tolist()
+        assert np.allclose(p, ref_p, atol=1e-4)
+        assert st.tokens.tolist() == q.tolist()
+        assert st.cache.get_seq_length() == len(q)
+    # and the caches go on giving exact answers
+    nxt = [np.append(q, [3]) for q in seqs]
+    for st, q, (ids, _) in zip(states, nxt, lm.predict_batch(states, nxt, [1, 1, 1])):
+        fresh = reference.new_state()
+        assert ids.tolist() == reference.predict(fresh, q, 1)[0].tolist()
+        reference.release(fresh)
+    assert lm.stats["batched_forwards"] == 2
+
+
+def test_batch_of_rows_drafts_each_rows_greedy_tokens(reference):
+    p = cascade(passes=8)
+    prompts = [PROMPT, np.tile(PROMPT[:7], 4), PROMPT[:12]]
+    states = [p.start_request(f"b{i}", q) for i, q in enumerate(prompts)]
+    drafts = p.propose_scored_batch([(st, q, 8) for st, q in zip(states, prompts)])
+    for q, d in zip(prompts, drafts):
+        assert d.tokens == greedy(reference, q, 8)
+    assert p.models[0].lm.stats.get("batched_forwards", 0) > 0
+    for st in states:
+        p.finish_request(st)
+
+
+def test_horizontal_only_levels_do_not_check_the_proposal(reference):
+    p = cascade(passes=2, vertical=False)
+    st = p.start_request("h", PROMPT)
+    d = p.propose_scored_batch([(st, PROMPT, 8)])[0]
+    srcs = st.last[1]
+    assert srcs[:2] == ["draft_model", "draft_model"] and d.tokens[:2] == greedy(reference, PROMPT, 2)
+    assert all(s in ("suffix_tree", "ngram") for s in srcs[2:])
+    assert p.models[0].passes == 2
     p.finish_request(st)

@@ -345,6 +345,12 @@ class DraftModelLevel(BaseModel):
                     "cascade). \"auto\": run a pass only while the acceptance "
                     "measured online at the position it reaches pays for its "
                     "measured time; an int: exactly that many (1-64).")
+    vertical: bool = Field(
+        True,
+        description="Each pass checks the level below's proposal (vertical "
+                    "cascade). false = each pass adds one token of the model's "
+                    "own and the levels below only fill the positions after its "
+                    "passes (horizontal cascade only; the ablation).")
     max_cached_tokens: int = Field(
         262144, ge=256, le=1 << 30,
         description="KV cache bound over all requests, in tokens (least "

@@ -522,7 +522,10 @@ def settings_lines(cfg: Any, model_path: str) -> dict[str, str]:
     """The report header of a :class:`runner.BenchConfig`."""
     out = {"model": f"`{cfg.model}`" + (f" ({model_path})" if model_path and model_path != cfg.model else ""),
            "generation": f"greedy (temperature 0), max_tokens {cfg.max_tokens}, dtype {cfg.dtype}, "
-                         f"k (num_speculative_tokens) = {cfg.k} for every method, seed {cfg.seed}",
+                         f"k (num_speculative_tokens) = {cfg.k} for every method"
+                         + (f" (vLLM draft_model: {cfg.draft_model_k})"
+                            if getattr(cfg, "draft_model_k", None) else "")
+                         + f", seed {cfg.seed}",
            "prompts": f"{cfg.num_prompts} per workload and scenario (each scenario its own prompts, "
                       "so cross-request caches never see a prompt twice)",
            "repeats": f"{cfg.repeats} (methods interleaved, rotated order per repeat)"}

@@ -84,6 +84,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-model", default=None, metavar="MODEL",
                    help="drafter for vLLM's draft_model method (known name or local directory); "
                         "adds draft_model to 'all'")
+    p.add_argument("--draft-model-k", type=int, default=None, metavar="K",
+                   help="num_speculative_tokens of vLLM's draft_model method only (default: "
+                        "--k); a draft model's best k is usually smaller than a model-free "
+                        "method's upper bound")
     p.add_argument("--plugin-config", default=None, metavar="JSON",
                    help="settings laid over every plugin method's config, a JSON object, "
                         "e.g. '{\"max_tree_depth\": 32}'")
@@ -149,6 +153,7 @@ class BenchConfig:
     kv_cache_gb: float
     plugin_config: dict[str, Any] = field(default_factory=dict)
     draft_model: Optional[str] = None
+    draft_model_k: Optional[int] = None
     server_url: Optional[str] = None
     enforce_eager: bool = False
     worker_timeout: Optional[float] = None
@@ -273,6 +278,7 @@ def config_from_args(args: argparse.Namespace, *, registry: Optional[dict[str, b
     _positive("num-prompts", args.num_prompts)
     _positive("max-tokens", args.max_tokens)
     _positive("k", args.k)
+    _positive("draft-model-k", getattr(args, "draft_model_k", None), allow_none=True)
     _positive("repeats", args.repeats)
     _positive("kv-cache-gb", args.kv_cache_gb)
     _positive("worker-timeout", args.worker_timeout, allow_none=True)
@@ -311,7 +317,8 @@ def config_from_args(args: argparse.Namespace, *, registry: Optional[dict[str, b
         concurrency=parse_int_list(args.concurrency, "concurrency"),
         repeats=args.repeats, dtype=dtype, seed=args.seed, out=args.out,
         kv_cache_gb=args.kv_cache_gb, plugin_config=parse_plugin_config(args.plugin_config),
-        draft_model=args.draft_model, server_url=args.server_url,
+        draft_model=args.draft_model, draft_model_k=getattr(args, "draft_model_k", None),
+        server_url=args.server_url,
         enforce_eager=bool(args.enforce_eager), worker_timeout=args.worker_timeout, notes=notes,
         cpu_preload=cpu_preload)
 
@@ -703,9 +710,10 @@ def _run(args: argparse.Namespace) -> int:
         for i_run, (repeat, m) in enumerate(schedule):
             bar.set_postfix_str(f"repeat {repeat + 1}/{cfg.repeats} {m.label}")
             kwargs = None
+            k_m = cfg.draft_model_k if (m.kind == "draft_model" and cfg.draft_model_k) else cfg.k
             if m.kind != "server":
                 kwargs = engine_kwargs(m, model=model_path, dtype=cfg.dtype, seed=cfg.seed,
-                                       k=cfg.k, kv_cache_bytes=cfg.kv_cache_bytes,
+                                       k=k_m, kv_cache_bytes=cfg.kv_cache_bytes,
                                        plugin_config=cfg.plugin_config,
                                        draft_model_path=draft_path,
                                        enforce_eager=cfg.enforce_eager)
@@ -713,7 +721,7 @@ def _run(args: argparse.Namespace) -> int:
             env = worker_environ(preload.by_label.get(m.label), preload.libraries)
             if offline_cells:
                 spec = {"method": asdict(m), "repeat": repeat, "model": model_path,
-                        "dtype": cfg.dtype, "seed": cfg.seed, "k": cfg.k,
+                        "dtype": cfg.dtype, "seed": cfg.seed, "k": k_m,
                         "max_tokens": cfg.max_tokens, "kv_cache_bytes": cfg.kv_cache_bytes,
                         "plugin_config": cfg.plugin_config, "draft_model_path": draft_path,
                         "enforce_eager": cfg.enforce_eager,

@@ -114,10 +114,11 @@ class _ModelLevel:
         self.passes = 0
         self.errors = 0
 
-    def timed_predict(self, state, seq, n_out):
+    def timed_predict(self, states, seqs, n_outs):
+        """One pass for several rows; ``pass_seconds`` tracks its time per row."""
         t0 = time.perf_counter()
-        out = self.lm.predict(state, seq, n_out)
-        dt = time.perf_counter() - t0
+        out = self.lm.predict_batch(states, seqs, n_outs)
+        dt = (time.perf_counter() - t0) / max(1, len(states))
         ps = self.pass_seconds
         self.pass_seconds = dt if ps is None else ps + PASS_TIME_EMA * (dt - ps)
         self.passes += 1
@@ -247,11 +248,10 @@ class CascadeProposer(Proposer):
                              price: Optional[float] = None) -> list[ScoredDraft]:
         """One draft per row: the top model level's, built as the module note says."""
         self.rows += len(batch)
+        items = [(state, np.asarray(ctx, dtype=np.int64), min(int(k), self.num_speculative_tokens))
+                 for state, ctx, k in batch]
         out = []
-        for state, ctx, k in batch:
-            k = min(int(k), self.num_speculative_tokens)
-            ctx64 = np.asarray(ctx, dtype=np.int64)
-            toks, probs, srcs = self._draft(0, state, ctx64, k, len(batch))
+        for (state, _, _), (toks, probs, srcs) in zip(items, self._draft(0, items, len(batch))):
             state.last[0], state.last[1] = toks, srcs
             out.append(ScoredDraft(toks, probs, self._stratum(srcs)))
         return out
@@ -283,52 +283,70 @@ class CascadeProposer(Proposer):
                 return toks, [float(x) for x in probs], [name] * len(toks)
         return [], [], []
 
-    def _draft(self, level: int, state: CascadeState, ctx: np.ndarray, k: int, rows: int
-               ) -> tuple[list[int], list[float], list[str]]:
-        if k <= 0:
-            return [], [], []
+    def _draft(self, level: int, items: list, rows: int) -> list:
+        """Drafts at ``level`` for ``items`` = [(state, ctx, k)]: a list of
+        (tokens, probs, sources). A model level runs its passes for all rows
+        together: one batched forward per pass."""
+        out = [([], [], []) for _ in items]
+        live = [i for i, (_, _, k) in enumerate(items) if k > 0]
+        if not live:
+            return out
         if level >= len(self.models):
-            return self._lower_draft(state, ctx, k, rows)
+            for i in live:
+                st, ctx, k = items[i]
+                out[i] = self._lower_draft(st, ctx, k, rows)
+            return out
         m = self.models[level]
-        lm_state = state.lm[level]
-        toks: list[int] = []
-        probs: list[float] = []
-        srcs: list[str] = []
         passes = 0
-        while len(toks) < k and self._pass_pays(m, len(toks), passes, rows, probs):
-            below, below_p, below_s = self._draft(level + 1, state,
-                                                  _extend(ctx, toks), k - len(toks), rows)
-            seq = _extend(ctx, toks + below)
+        active = list(live)
+        while active:
+            active = [i for i in active if len(out[i][0]) < items[i][2]
+                      and self._pass_pays(m, len(out[i][0]), passes, rows)]
+            if not active:
+                break
+            if m.config.vertical:
+                below = self._draft(level + 1, [(items[i][0], _extend(items[i][1], out[i][0]),
+                                                 items[i][2] - len(out[i][0])) for i in active],
+                                    rows)
+            else:  # horizontal only: the model's own next token, nothing to check
+                below = [([], [], []) for _ in active]
+            seqs = [_extend(items[i][1], out[i][0] + b[0]) for i, b in zip(active, below)]
             try:
-                ids, p = m.timed_predict(lm_state, seq, len(below) + 1)
+                preds = m.timed_predict([items[i][0].lm[level] for i in active], seqs,
+                                        [len(b[0]) + 1 for b in below])
             except Exception:
                 m.errors += 1
-                logger.warning("vllm-spec-plugins: cascade level %s failed drafting (its row "
-                               "falls back to the levels below):\n%s", m.name,
+                logger.warning("vllm-spec-plugins: cascade level %s failed drafting (its rows "
+                               "fall back to the levels below):\n%s", m.name,
                                traceback.format_exc())
-                lm_state.cache = None
+                for i in active:
+                    items[i][0].lm[level].cache = None
                 break
             passes += 1
-            n = 0
-            while n < len(below) and int(ids[n]) == below[n]:
-                n += 1
-            toks += below[:n]
-            probs += [float(x) for x in p[:n]]
-            srcs += [f"{s}>{m.name}" for s in below_s[:n]]
-            if len(toks) < k:
-                toks.append(int(ids[n]))
-                probs.append(float(p[n]))
-                srcs.append(m.name)
-        if len(toks) < k:  # horizontal: the rest from the levels below, unchecked
-            below, below_p, below_s = self._draft(level + 1, state, _extend(ctx, toks),
-                                                  k - len(toks), rows)
-            toks += below
-            probs += below_p
-            srcs += below_s
-        return toks, probs, srcs
+            for i, (b_toks, _, b_srcs), (ids, p) in zip(active, below, preds):
+                toks, probs, srcs = out[i]
+                n = 0
+                while n < len(b_toks) and int(ids[n]) == b_toks[n]:
+                    n += 1
+                toks += b_toks[:n]
+                probs += [float(x) for x in p[:n]]
+                srcs += [f"{x}>{m.name}" for x in b_srcs[:n]]
+                if len(toks) < items[i][2]:
+                    toks.append(int(ids[n]))
+                    probs.append(float(p[n]))
+                    srcs.append(m.name)
+        # horizontal: the rest from the levels below, unchecked
+        rest = [i for i in live if len(out[i][0]) < items[i][2]]
+        if rest:
+            fill = self._draft(level + 1, [(items[i][0], _extend(items[i][1], out[i][0]),
+                                            items[i][2] - len(out[i][0])) for i in rest], rows)
+            for i, (b_toks, b_probs, b_srcs) in zip(rest, fill):
+                out[i][0].extend(b_toks)
+                out[i][1].extend(b_probs)
+                out[i][2].extend(b_srcs)
+        return out
 
-    def _pass_pays(self, m: _ModelLevel, pos: int, passes: int, rows: int,
-                   probs: list[float]) -> bool:
+    def _pass_pays(self, m: _ModelLevel, pos: int, passes: int, rows: int) -> bool:
         fixed = m.config.passes
         if fixed != "auto":
             return passes < fixed

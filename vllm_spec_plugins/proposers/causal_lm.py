@@ -154,6 +154,97 @@ class CausalLMDrafter:
         st["forward_seconds"] += time.perf_counter() - t0
         return top_i.cpu().numpy().astype(np.int64), top_p.cpu().numpy().astype(np.float64)
 
+    def predict_batch(self, states: list[LMState], seqs: list[np.ndarray], n_outs: list[int]
+                      ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`predict` for several requests in one forward pass (a small
+        model on a CPU or GPU reads its weights once for all rows).
+
+        Each row's cached KV is cut back to what it shares with its new
+        sequence and laid out left-padded in one batch cache; the new tokens
+        follow, right-padded, with per-row positions and a padding mask. The
+        rows' new KV is then cut out of the batch cache into their own. Rows
+        that need a fresh start (no cache) are run one by one first."""
+        torch = self._torch
+        if len(states) == 1:
+            return [self.predict(states[0], seqs[0], n_outs[0])]
+        seqs = [np.asarray(q, dtype=np.int64) for q in seqs]
+        outs: list = [None] * len(states)
+        rows = []  # (index, kept prefix length, n_out)
+        for i, (st, q, n) in enumerate(zip(states, seqs, n_outs)):
+            n = max(1, min(int(n), len(q)))
+            keep = common_prefix(st.tokens, q) if st.cache is not None else 0
+            start = min(keep, len(q) - n)
+            if st.cache is None or start == 0:
+                outs[i] = self.predict(st, q, n)  # a full prefill: its own pass
+            else:
+                rows.append((i, start, n))
+        if len(rows) == 1:
+            i, _, n = rows[0]
+            outs[i] = self.predict(states[i], seqs[i], n)
+            rows = []
+        if not rows:
+            return outs
+        for i, start, _ in rows:
+            self._make_room(states[i], len(seqs[i]) - start)
+        t0 = time.perf_counter()
+        B = len(rows)
+        P = max(start for _, start, _ in rows)
+        N = max(len(seqs[i]) - start for i, start, _ in rows)
+        with torch.inference_mode():
+            n_layers = len(states[rows[0][0]].cache.layers)
+            layers = []
+            for li in range(n_layers):
+                k0 = states[rows[0][0]].cache.layers[li].keys
+                shape = (B, k0.shape[1], P, k0.shape[3])
+                ks = k0.new_zeros(shape)
+                vs = k0.new_zeros(shape)
+                for b, (i, start, _) in enumerate(rows):
+                    layer = states[i].cache.layers[li]
+                    ks[b, :, P - start:] = layer.keys[0, :, :start]
+                    vs[b, :, P - start:] = layer.values[0, :, :start]
+                layers.append((ks, vs))
+            cache = self._new_cache(layers)
+            ids = torch.zeros((B, N), dtype=torch.long)
+            pos = torch.zeros((B, N), dtype=torch.long)
+            mask = torch.zeros((B, P + N), dtype=torch.long)
+            for b, (i, start, _) in enumerate(rows):
+                new = seqs[i][start:]
+                ids[b, :len(new)] = torch.from_numpy(new)
+                pos[b] = start + torch.arange(N)
+                mask[b, P - start:P + len(new)] = 1
+            dev = self.device
+            out = self.model(input_ids=ids.to(dev), position_ids=pos.to(dev),
+                             attention_mask=mask.to(dev), past_key_values=cache, use_cache=True)
+            logits = out.logits
+            for b, (i, start, n) in enumerate(rows):
+                m = len(seqs[i]) - start
+                probs = torch.softmax(logits[b, m - n:m].float(), dim=-1)
+                top_p, top_i = probs.max(dim=-1)
+                outs[i] = (top_i.cpu().numpy().astype(np.int64),
+                           top_p.cpu().numpy().astype(np.float64))
+                # the row's own cache: what it kept, then its new tokens' KV
+                mine = []
+                for li in range(n_layers):
+                    layer = out.past_key_values.layers[li]
+                    old = states[i].cache.layers[li]
+                    mine.append((torch.cat([old.keys[:, :, :start], layer.keys[b:b + 1, :, P:P + m]],
+                                           dim=2),
+                                 torch.cat([old.values[:, :, :start],
+                                            layer.values[b:b + 1, :, P:P + m]], dim=2)))
+                states[i].cache = self._new_cache(mine)
+                states[i].tokens = seqs[i]
+        st = self.stats
+        st["forwards"] += 1
+        st["batched_forwards"] = st.get("batched_forwards", 0) + 1
+        st["forward_tokens"] += sum(len(seqs[i]) - start for i, start, _ in rows)
+        st["forward_seconds"] += time.perf_counter() - t0
+        return outs
+
+    def _new_cache(self, layers):
+        from transformers import DynamicCache
+
+        return DynamicCache(ddp_cache_data=layers)
+
     def warmup(self) -> None:
         """One small forward: allocations and kernel choices before serving."""
         st = self.new_state()
