@@ -119,3 +119,52 @@ def cpu_expand_kernel_broken() -> bool:
     out = torch.full((5,), 123.0, dtype=torch.float32)
     cpu_triton_utils._expand_kernel_impl(out, x, cu, -1, 1)
     return out.tolist() != [x[0].item(), x[0].item(), 1.5, 1.0, 1.0]
+
+
+def check_sampled_digits_follow_the_model(llm, n: int = 200) -> None:
+    """Lossless under sampling (see test_engine_suffix_tree.py for the prompt):
+    sample ``n`` 3-token continuations at temperature 1 and bound the total
+    variation between the sampled digit and the model's own distribution."""
+    import math
+
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    tok = llm.get_tokenizer()
+    ids = tok("A: 7 B: 3 C: 9 A: 4 B: 8 C: 1 A: 5 B: 2 C: 6 A")["input_ids"]
+    before = spec_counters(llm)
+    # Unseeded (one engine seed): seeded requests crash vLLM 0.32 CPU under chunked prefill.
+    outs = llm.generate([TokensPrompt(prompt_token_ids=ids)] * n,
+                        SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True),
+                        use_tqdm=False)
+    after = spec_counters(llm)
+    seqs = [tuple(o.outputs[0].token_ids) for o in outs]
+    assert all(len(s) == 3 for s in seqs)
+    # Drafts were verified in the sampled region (position 0 = the second token).
+    assert after["accepted_tokens_per_pos"][0] - before.get("accepted_tokens_per_pos", [0])[0] > 0
+
+    prefix = max(set(s[:2] for s in seqs), key=lambda p: sum(s[:2] == p for s in seqs))
+    assert tok.decode(list(prefix)) == ": "
+    digits = [s[2] for s in seqs if s[:2] == prefix]
+    assert len(digits) >= 150  # p(": ") ~ 0.98: ~196 expected
+
+    ref = llm.generate([TokensPrompt(prompt_token_ids=ids + list(prefix))],
+                       SamplingParams(temperature=0.0, max_tokens=1, logprobs=20),
+                       use_tqdm=False)[0]
+    exact = {t: math.exp(lp.logprob) for t, lp in ref.outputs[0].logprobs[0].items()}
+    cats = [t for t, p in exact.items() if p >= 0.02]  # the likely digits; rest = "other"
+    assert len(cats) >= 4, {tok.decode([t]): p for t, p in exact.items()}
+    p_true = [exact[t] for t in cats] + [1.0 - sum(exact[t] for t in cats)]
+    counts = [sum(d == t for d in digits) for t in cats]
+    counts.append(len(digits) - sum(counts))
+    m = len(digits)
+    tv = 0.5 * sum(abs(c / m - p) for c, p in zip(counts, p_true))
+    # Bretagnolle-Huber-Carol: P(TV(empirical, true) >= eps) <= 2^K exp(-2 m eps^2)
+    # for K categories and m samples. With delta = 1e-6 (a false failure once in a
+    # million runs): eps = sqrt((K ln 2 + ln(1/delta)) / (2m)), about 0.21 for K = 7,
+    # m = 196. A verifier that accepted drafts too often moves the drafted digit's
+    # mass (p <= 0.5) towards 1: TV >= 0.5 (the broken CPU kernel gave ~0.8).
+    k_cats, delta_ = len(p_true), 1e-6
+    eps = math.sqrt((k_cats * math.log(2) + math.log(1 / delta_)) / (2 * m))
+    report = {tok.decode([t]): (c, round(p * m, 1)) for t, c, p in zip(cats, counts, p_true)}
+    assert tv < eps, f"TV {tv:.3f} >= {eps:.3f}; (sampled, expected) per digit: {report}"

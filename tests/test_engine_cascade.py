@@ -10,8 +10,6 @@ the draft model's own caches must stay in step with what the target keeps.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 pytest.importorskip("vllm")
@@ -19,6 +17,7 @@ from vllm import SamplingParams  # noqa: E402
 
 from engine_utils import (  # noqa: E402
     MAX_TOKENS,
+    check_sampled_digits_follow_the_model,
     cpu_expand_kernel_broken,
     delta,
     drafter_state,
@@ -143,32 +142,4 @@ def test_sampled_tokens_follow_the_model_distribution(llm):
     rejection sampler treats each as a point mass; the sampled token must be
     distributed as the target says (see test_engine_suffix_tree.py for the
     prompt and the bound)."""
-    from vllm.inputs import TokensPrompt
-
-    tok = llm.get_tokenizer()
-    ids = tok("A: 7 B: 3 C: 9 A: 4 B: 8 C: 1 A: 5 B: 2 C: 6 A")["input_ids"]
-    n = 200
-    before = spec_counters(llm)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=ids)] * n,
-                        SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True),
-                        use_tqdm=False)
-    after = spec_counters(llm)
-    seqs = [tuple(o.outputs[0].token_ids) for o in outs]
-    assert all(len(s) == 3 for s in seqs)
-    assert delta(after, before, "drafts") > 0
-    prefix = max(set(s[:2] for s in seqs), key=lambda p: sum(s[:2] == p for s in seqs))
-    assert tok.decode(list(prefix)) == ": "
-    digits = [s[2] for s in seqs if s[:2] == prefix]
-    assert len(digits) >= 150
-    ref = llm.generate([TokensPrompt(prompt_token_ids=ids + list(prefix))],
-                       SamplingParams(temperature=0.0, max_tokens=1, logprobs=20),
-                       use_tqdm=False)[0]
-    exact = {t: math.exp(lp.logprob) for t, lp in ref.outputs[0].logprobs[0].items()}
-    cats = [t for t, p in exact.items() if p >= 0.02]
-    p_true = [exact[t] for t in cats] + [1.0 - sum(exact[t] for t in cats)]
-    counts = [sum(d == t for d in digits) for t in cats]
-    counts.append(len(digits) - sum(counts))
-    m = len(digits)
-    tv = 0.5 * sum(abs(c / m - p) for c, p in zip(counts, p_true))
-    eps = math.sqrt((len(p_true) * math.log(2) + math.log(1e6)) / (2 * m))
-    assert tv < eps, f"TV {tv:.3f} >= {eps:.3f}"
+    check_sampled_digits_follow_the_model(llm)

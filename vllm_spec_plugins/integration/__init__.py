@@ -16,7 +16,9 @@ Read in this order:
   waits on a save, an import or a long prompt).
 * ``target_signals``: what the target computed (top-k now, hidden states next).
 * ``step_timing``: decode-step timing for the measured draft price.
-* ``state_files``: state files checked at startup, saved in the background.
+* ``state_files``: state files (and draft models) checked at startup, state
+  saved in the background.
+* ``server_metrics``: the drafter's counters on the OpenAI server's ``/metrics``.
 * ``replica_sharing``: which rank owns shared state; glue to ``sharing.py``.
 * ``rpc``: functions for ``llm.collective_rpc`` (snapshots, draft timer).
 * ``vllm_cpu_fixes``: a fix for a vLLM 0.32 CPU-build bug that breaks sampling

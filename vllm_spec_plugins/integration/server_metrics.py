@@ -34,6 +34,8 @@ import tempfile
 import time
 from typing import Any, Iterable, Optional
 
+from vllm_spec_plugins.proposers.base import pid_alive
+
 logger = logging.getLogger("vllm_spec_plugins")
 
 METRICS_DIR_ENV = "VSP_METRICS_DIR"
@@ -67,16 +69,6 @@ def install_collector() -> None:
         logger.debug("vllm-spec-plugins: drafter metrics on /metrics unavailable (%s)", e)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class DrafterCollector:
     """A Prometheus collector over the drafters' files (see module note)."""
 
@@ -93,7 +85,7 @@ class DrafterCollector:
         for path in glob.glob(os.path.join(self.directory, "drafter-*.json")):
             try:
                 pid = int(os.path.basename(path)[len("drafter-"):-len(".json")])
-                if not _alive(pid):
+                if not pid_alive(pid):
                     continue
                 with open(path) as f:
                     counters = json.load(f)["counters"]

@@ -58,7 +58,7 @@ def remove_stale_temps(path: str, max_age_s: float = STALE_TEMP_AGE_S) -> list[s
         except ValueError:
             pid = -1
         try:
-            alive = pid > 0 and pid != os.getpid() and _pid_alive(pid)
+            alive = pid > 0 and pid != os.getpid() and pid_alive(pid)
             if pid == os.getpid() or (alive and now - os.path.getmtime(tmp) < max_age_s):
                 continue
             os.unlink(tmp)
@@ -68,7 +68,8 @@ def remove_stale_temps(path: str, max_age_s: float = STALE_TEMP_AGE_S) -> list[s
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -17,6 +17,7 @@ Torch and transformers are imported when a model is loaded, never from vLLM.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -78,6 +79,7 @@ class CausalLMDrafter:
         self.max_cached_tokens = int(max_cached_tokens)
         self._live: "OrderedDict[int, LMState]" = OrderedDict()  # LRU order
         self._lock = threading.Lock()  # the LRU table (start_request may run off-thread)
+        self._pinned: set[int] = set()  # states in a forward right now: never evicted
         self._next_key = 0
         self.stats = {"forwards": 0, "forward_tokens": 0, "forward_seconds": 0.0,
                       "evictions": 0, "cached_tokens": 0}
@@ -111,7 +113,7 @@ class CausalLMDrafter:
                 if total + extra <= self.max_cached_tokens:
                     break
                 s = self._live[key]
-                if s is state or s.cache is None:
+                if s is state or s.cache is None or key in self._pinned:
                     continue
                 total -= len(s.tokens)
                 s.cache, s.tokens = None, s.tokens[:0]
@@ -124,8 +126,27 @@ class CausalLMDrafter:
         """The model's greedy next token and its probability after each of
         the last ``n_out`` prefixes of ``seq`` (``seq[:len-n_out+1]`` ...
         ``seq``), and the cache left holding ``seq``."""
-        torch = self._torch
         seq = np.asarray(seq, dtype=np.int64)
+        with self._pinning([state]):
+            return self._predict(state, seq, n_out)
+
+    def _pinning(self, states):
+        """While a forward uses these states, another thread's eviction skips them."""
+        @contextlib.contextmanager
+        def pinned():
+            keys = {s.key for s in states}
+            with self._lock:
+                self._pinned |= keys
+            try:
+                yield
+            finally:
+                with self._lock:
+                    self._pinned -= keys
+        return pinned()
+
+    def _predict(self, state: LMState, seq: np.ndarray, n_out: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
         L = len(seq)
         n_out = max(1, min(int(n_out), L))
         keep = common_prefix(state.tokens, seq) if state.cache is not None else 0
@@ -164,9 +185,13 @@ class CausalLMDrafter:
         follow, right-padded, with per-row positions and a padding mask. The
         rows' new KV is then cut out of the batch cache into their own. Rows
         that need a fresh start (no cache) are run one by one first."""
-        torch = self._torch
         if len(states) == 1:
             return [self.predict(states[0], seqs[0], n_outs[0])]
+        with self._pinning(states):
+            return self._predict_batch(states, seqs, n_outs)
+
+    def _predict_batch(self, states, seqs, n_outs):
+        torch = self._torch
         seqs = [np.asarray(q, dtype=np.int64) for q in seqs]
         outs: list = [None] * len(states)
         rows = []  # (index, kept prefix length, n_out)
@@ -175,12 +200,12 @@ class CausalLMDrafter:
             keep = common_prefix(st.tokens, q) if st.cache is not None else 0
             start = min(keep, len(q) - n)
             if st.cache is None or start == 0:
-                outs[i] = self.predict(st, q, n)  # a full prefill: its own pass
+                outs[i] = self._predict(st, q, n)  # a full prefill: its own pass
             else:
                 rows.append((i, start, n))
         if len(rows) == 1:
             i, _, n = rows[0]
-            outs[i] = self.predict(states[i], seqs[i], n)
+            outs[i] = self._predict(states[i], seqs[i], n)
             rows = []
         if not rows:
             return outs
