@@ -221,6 +221,7 @@ def test_auto_passes_stop_when_a_pass_costs_more_than_it_gains(reference):
         def tokens_per_second(self):
             return self.tps
 
+    p.arm_explore = 0.0  # no trusting of the cheap proposal by exploration here
     st = p.start_request("a", PROMPT)
     p.set_step_cost(Throughput(1e6))  # a second of step time is worth a million tokens
     m.pass_seconds = 1.0
@@ -297,3 +298,34 @@ def test_horizontal_only_levels_do_not_check_the_proposal(reference):
     assert all(s in ("suffix_tree", "ngram") for s in srcs[2:])
     assert p.models[0].passes == 2
     p.finish_request(st)
+
+
+def test_check_or_trust_learns_where_the_models_check_does_not_pay(reference):
+    """With the model's pass priced far above what it adds (a slow pass, a
+    fast engine), rows with a cheap proposal end up sent unchecked; with it
+    cheap, they are checked. Both arms stay measured (exploration)."""
+    class Throughput:
+        def __init__(self, tps):
+            self.tps = tps
+
+        def tokens_per_second(self):
+            return self.tps
+
+    p = cascade(passes="auto")
+    m = p.models[0]
+    p.set_step_cost(Throughput(1e6))
+    drafts = run_steps(p, reference, steps=12, check_greedy=False)
+    m.pass_seconds = 10.0  # keep the pass dear (timed_predict updates it)
+    arms = p.stats["check_or_trust"]
+    assert arms and all(sum(v["rows"].values()) > 0 for v in arms.values())
+    p._arms = {}
+    p.arm_explore = 0.0
+    assert {p._choose_arm(0, m, key) for key in p.arm_stats} == {"trust"}
+    # a free pass: the arm with more accepted tokens per row wins
+    m.pass_seconds = 0.0
+    for key, a in p.arm_stats.items():
+        prior = (a.accepted["check"] + a.accepted["trust"] + 1.0) / (
+            a.rows["check"] + a.rows["trust"] + 1.0)
+        better = "trust" if a.mean("trust", prior) > a.mean("check", prior) else "check"
+        assert p._choose_arm(0, m, key) == better
+    assert all(d.tokens for d in drafts)

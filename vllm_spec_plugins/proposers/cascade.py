@@ -98,7 +98,36 @@ class LevelStats:
 class CascadeState(NamedTuple):
     lm: list            # per model level: its LMState (None if that level failed to start)
     lower: list         # per model-free level: what its start_request returned
-    last: list          # [tokens, sources] of the last draft, scored when tokens arrive
+    last: list          # [tokens, sources, (arm key, arm) or None] of the last draft
+
+
+#: Arms of the top model level's first decision per row (see ``_choose_arm``).
+CHECK, TRUST = "check", "trust"
+#: Explore the arm that looks worse on this share of rows (keeps both measured).
+ARM_EXPLORE = 0.1
+#: Pseudo-observations of each arm's prior (its mean accepted tokens per row).
+ARM_PRIOR_WEIGHT = 2.0
+
+
+class ArmStats:
+    """Rows and accepted tokens per arm for one kind of cheap proposal."""
+
+    __slots__ = ("rows", "accepted")
+
+    def __init__(self) -> None:
+        self.rows = {CHECK: 0, TRUST: 0}
+        self.accepted = {CHECK: 0, TRUST: 0}
+
+    def mean(self, arm: str, prior: float) -> float:
+        return ((self.accepted[arm] + ARM_PRIOR_WEIGHT * prior)
+                / (self.rows[arm] + ARM_PRIOR_WEIGHT))
+
+
+def proposal_key(sources: list[str], n: int) -> tuple[str, int]:
+    """The kind of a cheap proposal: its level and its length bucket (a long
+    suffix-tree or n-gram proposal means a long match: the text is copied)."""
+    bucket = 1 if n <= 1 else 2 if n == 2 else 4 if n <= 4 else 8 if n <= 8 else 16
+    return sources[0], bucket
 
 
 class _ModelLevel:
@@ -157,6 +186,9 @@ class CascadeProposer(Proposer):
                                  f"({m.lm.vocab_size} vs {self.vocab_size})")
         self._step_cost = None
         self.source_stats: dict[str, LevelStats] = {}
+        self.arm_stats: dict[tuple[str, int], ArmStats] = {}
+        self._rng = np.random.default_rng(0)
+        self.arm_explore = ARM_EXPLORE
         self.lower_errors = {name: 0 for name, _ in self.lower}
         self.rows = 0
 
@@ -182,7 +214,7 @@ class CascadeProposer(Proposer):
             except Exception:
                 self._lower_failed(name, "start_request")
                 lower.append(_BROKEN)
-        return CascadeState(lm_states, lower, [None, None])
+        return CascadeState(lm_states, lower, [None, None, None])
 
     def on_tokens(self, state: CascadeState, new_token_ids: np.ndarray) -> None:
         self._score_last(state, new_token_ids)
@@ -225,11 +257,12 @@ class CascadeProposer(Proposer):
         i was reached if all before it matched; it was accepted if it matched
         too. (A token past the budget's cut that equals the target's next
         token counts as accepted: the target did produce it.)"""
-        tokens, sources = state.last
-        state.last[0] = state.last[1] = None
+        tokens, sources, arm = state.last
+        state.last[0] = state.last[1] = state.last[2] = None
         if not tokens:
             return
         n = min(len(tokens), len(new))
+        accepted = 0
         for i in range(n):
             st = self.source_stats.get(sources[i])
             if st is None:
@@ -239,6 +272,11 @@ class CascadeProposer(Proposer):
             if int(new[i]) != tokens[i]:
                 break
             st.accepted[p] += 1
+            accepted += 1
+        if arm is not None and n:
+            a = self.arm_stats.setdefault(arm[0], ArmStats())
+            a.rows[arm[1]] += 1
+            a.accepted[arm[1]] += accepted
 
     # ------------------------------------------------------------ drafting
     def propose(self, state: CascadeState, context: np.ndarray, max_tokens: int) -> list[int]:
@@ -250,9 +288,11 @@ class CascadeProposer(Proposer):
         self.rows += len(batch)
         items = [(state, np.asarray(ctx, dtype=np.int64), min(int(k), self.num_speculative_tokens))
                  for state, ctx, k in batch]
+        self._arms: dict[int, tuple] = {}  # row -> (arm key, arm) of this step
         out = []
-        for (state, _, _), (toks, probs, srcs) in zip(items, self._draft(0, items, len(batch))):
-            state.last[0], state.last[1] = toks, srcs
+        drafts = self._draft(0, items, len(batch))
+        for r, ((state, _, _), (toks, probs, srcs)) in enumerate(zip(items, drafts)):
+            state.last[0], state.last[1], state.last[2] = toks, srcs, self._arms.get(r)
             out.append(ScoredDraft(toks, probs, self._stratum(srcs)))
         return out
 
@@ -310,6 +350,19 @@ class CascadeProposer(Proposer):
                                     rows)
             else:  # horizontal only: the model's own next token, nothing to check
                 below = [([], [], []) for _ in active]
+            if passes == 0 and level == 0 and m.config.vertical and m.config.passes == "auto":
+                # Check the cheap proposal with the model, or send it as it is?
+                kept = []
+                for i, b in zip(active, below):
+                    if b[0] and self._choose_arm(i, m, proposal_key(b[2], len(b[0]))) == TRUST:
+                        out[i] = (list(b[0]), list(b[1]), list(b[2]))
+                    else:
+                        kept.append((i, b))
+                if len(kept) < len(active):
+                    active = [i for i, _ in kept]
+                    below = [b for _, b in kept]
+                    if not active:
+                        break
             seqs = [_extend(items[i][1], out[i][0] + b[0]) for i, b in zip(active, below)]
             try:
                 preds = m.timed_predict([items[i][0].lm[level] for i in active], seqs,
@@ -345,6 +398,29 @@ class CascadeProposer(Proposer):
                 out[i][1].extend(b_probs)
                 out[i][2].extend(b_srcs)
         return out
+
+    def _choose_arm(self, row: int, m: _ModelLevel, key: tuple[str, int]) -> str:
+        """For a row with a cheap proposal of kind ``key``: check it with the
+        model (a pass of measured time) or trust it unchecked (free)? Measured
+        per kind: accepted tokens per row under each arm, the check's less
+        what its time is worth (seconds x the engine's tokens per second).
+        Where copying wins (a long suffix match), trusting it keeps what the
+        cheap level wins alone; where it guesses, the model's check pays.
+        The arm that looks worse is still tried on ARM_EXPLORE of rows."""
+        a = self.arm_stats.get(key)
+        tps = self._tokens_per_second()
+        if a is None or tps is None or m.pass_seconds is None:
+            arm = CHECK
+        else:
+            prior = (a.accepted[CHECK] + a.accepted[TRUST] + 1.0) / (
+                a.rows[CHECK] + a.rows[TRUST] + 1.0)
+            check = a.mean(CHECK, prior) - m.pass_seconds * tps
+            trust = a.mean(TRUST, prior)
+            arm = TRUST if trust > check else CHECK
+        if self._rng.random() < self.arm_explore:
+            arm = TRUST if arm == CHECK else CHECK
+        self._arms[row] = (key, arm)
+        return arm
 
     def _pass_pays(self, m: _ModelLevel, pos: int, passes: int, rows: int) -> bool:
         fixed = m.config.passes
@@ -390,7 +466,9 @@ class CascadeProposer(Proposer):
                                  for k, v in m.lm.stats.items()}}
         for name, _ in self.lower:
             levels[name] = {"errors": self.lower_errors[name]}
-        return {"rows": self.rows, "levels": levels,
+        arms = {f"{k[0]}/{k[1]}": {"rows": dict(a.rows), "accepted": dict(a.accepted)}
+                for k, a in sorted(self.arm_stats.items())}
+        return {"rows": self.rows, "levels": levels, "check_or_trust": arms,
                 "sources": {s: st.as_dict() for s, st in sorted(self.source_stats.items())}}
 
     def prometheus_counters(self) -> list[tuple[str, str, dict, float]]:
