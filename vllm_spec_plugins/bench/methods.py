@@ -121,6 +121,12 @@ def parse_methods(text: str, *, registry: Optional[dict[str, bool]] = None,
             else:
                 notes.append("note: 'all' leaves out 'draft_model' (pass --draft-model to add it)")
             for name, lossless in registry.items():
+                if name == "cascade":
+                    # Its draft model is made for one target: name its config.
+                    notes.append("note: 'all' leaves out 'cascade' (its draft model must share "
+                                 "the target's tokenizer: list configs/cascade.json for the "
+                                 "default model or configs/cascade_qwen2.5-coder.json)")
+                    continue
                 specs.append(_registry_spec(name, lossless, configs_dir))
         elif item in ("none", "ngram"):
             specs.append(MethodSpec(item, item))
