@@ -3,7 +3,7 @@ real vLLM CPU engine: SmolLM2-135M target, float32; the drafter is the same
 model cut to its first layers (a weaker, cheaper model with the target's
 tokenizer). About correctness and state, not speed.
 
-The engine's KV cache holds ~1150 tokens, so six requests growing to 140
+The engine's KV cache holds ~1150 tokens, so six requests growing to 220
 tokens each at once force vLLM to preempt some (and recompute them later):
 the draft model's own caches must stay in step with what the target keeps.
 """
@@ -79,7 +79,7 @@ def test_preempted_requests_keep_their_outputs_and_keep_drafting(llm):
     (greedy, so also what no speculation gives), and the draft model must
     keep drafting for the resumed requests from a cache consistent with them."""
     prompts = [f"Write a numbered list of {n} facts about the number {n}." for n in range(3, 9)]
-    params = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
     pre_before, before = preemptions(llm), spec_counters(llm)
     together = llm.generate(prompts, params, use_tqdm=False)
     after = spec_counters(llm)
@@ -102,10 +102,15 @@ def test_every_level_drafts_and_is_scored(llm, baseline_outputs):
     model = stats["levels"]["draft_model"]
     assert model["layers"] == DRAFT_LAYERS and model["passes"] > 0 and model["errors"] == 0
     sources = stats["sources"]
-    # The model's own tokens, cheap tokens it agreed with, and (past its
-    # passes) unchecked cheap tokens are each drafted and scored per position.
+    # The model's own tokens and the cheap levels' (checked by the model or
+    # sent as they are) are each drafted and scored per position.
     assert sources["draft_model"]["drafted"] > 0
-    assert any(">" in s and v["accepted"] > 0 for s, v in sources.items()), sources
+    cheap = {s: v for s, v in sources.items() if s != "draft_model"}
+    assert sum(v["accepted"] for v in cheap.values()) > 0, sources
+    # Both answers to "check the cheap proposal or trust it" were tried.
+    arms = stats["check_or_trust"]
+    assert sum(v["rows"]["check"] for v in arms.values()) > 0, arms
+    assert sum(v["rows"]["trust"] for v in arms.values()) > 0, arms
     for v in sources.values():
         assert v["accepted"] <= v["drafted"]
         assert sum(v["drafted_per_position"]) == v["drafted"]
