@@ -78,7 +78,9 @@ def reference():
     from vllm_spec_plugins.models import ensure_model
     from vllm_spec_plugins.proposers.causal_lm import CausalLMDrafter
 
-    return CausalLMDrafter(str(ensure_model("smollm2-135m", progress=False)), num_layers=LAYERS)
+    # packed as a draft-model level is by default (cpu_packing float16)
+    return CausalLMDrafter(str(ensure_model("smollm2-135m", progress=False)), num_layers=LAYERS,
+                           cpu_packing="float16")
 
 
 def greedy(ref, ctx, n):
@@ -249,7 +251,8 @@ def test_batched_pass_equals_row_by_row(reference):
     from vllm_spec_plugins.models import ensure_model
     from vllm_spec_plugins.proposers.causal_lm import CausalLMDrafter
 
-    lm = CausalLMDrafter(str(ensure_model("smollm2-135m", progress=False)), num_layers=LAYERS)
+    lm = CausalLMDrafter(str(ensure_model("smollm2-135m", progress=False)), num_layers=LAYERS,
+                         cpu_packing="float16")
     rng = np.random.default_rng(0)
     ctxs = [rng.integers(10, 4000, size=n).astype(np.int64) for n in (12, 40, 25)]
     states = [lm.new_state() for _ in ctxs]
@@ -329,3 +332,34 @@ def test_check_or_trust_learns_where_the_models_check_does_not_pay(reference):
         better = "trust" if a.mean("trust", prior) > a.mean("check", prior) else "check"
         assert p._choose_arm(0, m, key) == better
     assert all(d.tokens for d in drafts)
+
+
+def test_cpu_packing_keeps_the_models_greedy_choices(reference):
+    """float16-packed linear layers (the CPU default) choose the tokens plain
+    float32 chooses, at every position of a long sequence but near-ties;
+    int8 runs and still mostly agrees. Packing is reported."""
+    from vllm_spec_plugins.models import ensure_model
+    from vllm_spec_plugins.proposers.causal_lm import CausalLMDrafter
+    from vllm_spec_plugins.proposers.packed_linear import pack_linears
+
+    path = str(ensure_model("smollm2-135m", progress=False))
+    plain = CausalLMDrafter(path, num_layers=LAYERS)
+    int8 = CausalLMDrafter(path, num_layers=LAYERS, cpu_packing="int8")
+    assert (plain.packing, reference.packing, int8.packing) == ("none", "float16", "int8")
+    import torch
+
+    assert not any(type(m) is torch.nn.Linear for m in reference.model.modules())
+    assert any(type(m) is torch.nn.Linear for m in plain.model.modules())
+    seq = np.tile(PROMPT, 6).astype(np.int64)
+    seq[::7] = np.arange(len(seq[::7])) * 37 + 100  # not only copies
+    n = len(seq) - 1
+    ids = {}
+    for name, lm in (("plain", plain), ("float16", reference), ("int8", int8)):
+        st = lm.new_state()
+        ids[name], probs = lm.predict(st, seq, n)
+        lm.release(st)
+        assert np.all((probs > 0) & (probs <= 1.0))
+    assert np.mean(ids["float16"] == ids["plain"]) >= 0.97
+    assert np.mean(ids["int8"] == ids["plain"]) >= 0.6
+    with pytest.raises(ValueError, match="unknown packing"):
+        pack_linears(plain.model, "int4")

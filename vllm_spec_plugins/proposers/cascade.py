@@ -138,7 +138,8 @@ class _ModelLevel:
         self.config = config
         self.name = "draft_model" if index == 0 else f"draft_model{index}"
         self.lm = CausalLMDrafter(check_draft_model_path(config.model), config.dtype,
-                                  config.num_layers, config.max_cached_tokens, config.device)
+                                  config.num_layers, config.max_cached_tokens, config.device,
+                                  config.cpu_packing)
         self.pass_seconds: Optional[float] = None  # per row, smoothed
         self.passes = 0
         self.errors = 0
@@ -459,6 +460,7 @@ class CascadeProposer(Proposer):
         levels = {}
         for m in self.models:
             levels[m.name] = {"model": m.config.model, "layers": m.lm.num_layers,
+                              "packing": m.lm.packing,
                               "passes": m.passes, "errors": m.errors,
                               "pass_ms": None if m.pass_seconds is None
                               else round(m.pass_seconds * 1e3, 2),

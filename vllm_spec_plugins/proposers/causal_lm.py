@@ -51,7 +51,8 @@ class CausalLMDrafter:
     """A Hugging Face causal LM with per-request KV caches (see module note)."""
 
     def __init__(self, path: str, dtype: str = "float32", num_layers: Optional[int] = None,
-                 max_cached_tokens: int = 262144, device: str = "auto") -> None:
+                 max_cached_tokens: int = 262144, device: str = "auto",
+                 cpu_packing: str = "none") -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -72,6 +73,12 @@ class CausalLMDrafter:
             if getattr(model.config, "layer_types", None):
                 model.config.layer_types = model.config.layer_types[:num_layers]
         model.eval()
+        self.packing = "none"
+        if cpu_packing != "none" and self.device.type == "cpu" and torch_dtype == torch.float32:
+            from .packed_linear import pack_linears
+
+            model, packed = pack_linears(model, cpu_packing)
+            self.packing = cpu_packing if packed else "none"
         self.model = model
         self.path = path
         self.num_layers = len(model.model.layers)
