@@ -78,7 +78,9 @@ def reference():
     from vllm_spec_plugins.models import ensure_model
     from vllm_spec_plugins.proposers.causal_lm import CausalLMDrafter
 
-    # packed as a draft-model level is by default (cpu_packing float16)
+    # float16 packing: the same tokens as float32 and, unlike int8 (activations
+    # quantized per call), the same in a batch as alone, so drafts can be
+    # compared token for token
     return CausalLMDrafter(str(ensure_model("smollm2-135m", progress=False)), num_layers=LAYERS,
                            cpu_packing="float16")
 
@@ -101,7 +103,8 @@ def cascade(passes, lower=({"type": "suffix_tree"}, {"type": "ngram"}), k=8, **m
     from vllm_spec_plugins.proposers.cascade import CascadeProposer
 
     cfg = CascadeConfig(levels=[{"type": "draft_model", "model": "smollm2-135m",
-                                 "num_layers": LAYERS, "passes": passes, **model}, *lower])
+                                 "num_layers": LAYERS, "passes": passes,
+                                 "cpu_packing": "float16", **model}, *lower])
     return CascadeProposer(cfg, k)
 
 
@@ -140,7 +143,10 @@ def test_vertical_cascade_drafts_exactly_the_models_greedy_tokens(reference):
     # fewer forward passes than tokens: some passes took several cheap tokens
     drafted = sum(v["drafted"] for v in stats["sources"].values())
     assert model["passes"] <= 5 * 8 and drafted > 0
-    assert model["cached_tokens"] == 0  # released at finish
+    # at finish the request's cache is kept only for prefix reuse
+    donors = p.models[0].lm._donors
+    assert model["cached_tokens"] == 0 and len(donors) == 1
+    assert model["kept_tokens"] == sum(len(d.tokens) for d in donors.values()) > 0
     # every scored source is the model's own or a cheap token it agreed with
     assert all(s == "draft_model" or s.endswith(">draft_model") for s in stats["sources"])
     # the same counts, per source and position, for the server's /metrics
@@ -205,11 +211,11 @@ def test_draft_model_cache_is_bounded_and_still_exact(reference):
     for st in states + states:  # the second round re-reads evicted contexts
         d = p.propose_scored_batch([(st, prompt, 8)])[0]
         assert d.tokens == expected
-        assert lm.stats["cached_tokens"] <= 256
+        assert lm.stats["cached_tokens"] + lm.stats["kept_tokens"] <= 256
     assert lm.stats["evictions"] > 0
     for st in states:
         p.finish_request(st)
-    assert lm.stats["cached_tokens"] == 0
+    assert lm.stats["cached_tokens"] == 0 and lm.stats["kept_tokens"] <= 256
 
 
 def test_auto_passes_stop_when_a_pass_costs_more_than_it_gains(reference):
@@ -233,6 +239,11 @@ def test_auto_passes_stop_when_a_pass_costs_more_than_it_gains(reference):
     before = m.passes
     d = p.propose_scored_batch([(st, PROMPT, 8)])[0]
     assert m.passes - before >= 2 and d.tokens == greedy(reference, PROMPT, 8)
+    # the token a pass adds must also be worth verifying: at a price of a
+    # whole token (the budget's, for this batch) no later pass pays
+    before = m.passes
+    p.propose_scored_batch([(st, PROMPT, 8)], price=1.0)
+    assert m.passes - before == 1
     p.finish_request(st)
 
 
@@ -335,7 +346,7 @@ def test_check_or_trust_learns_where_the_models_check_does_not_pay(reference):
 
 
 def test_cpu_packing_keeps_the_models_greedy_choices(reference):
-    """float16-packed linear layers (the CPU default) choose the tokens plain
+    """float16-packed linear layers choose the tokens plain
     float32 chooses, at every position of a long sequence but near-ties;
     int8 runs and still mostly agrees. Packing is reported."""
     from vllm_spec_plugins.models import ensure_model
@@ -363,3 +374,88 @@ def test_cpu_packing_keeps_the_models_greedy_choices(reference):
     assert np.mean(ids["int8"] == ids["plain"]) >= 0.6
     with pytest.raises(ValueError, match="unknown packing"):
         pack_linears(plain.model, "int4")
+
+
+def test_a_finished_requests_cache_serves_the_next_prompt_that_starts_with_it(reference):
+    """The next turn of a chat starts with the last turn's tokens: its
+    prompt copies them from the finished request's cache instead of reading
+    them again, and predicts what a fresh read predicts. Kept caches are
+    bounded in number and give way to live requests under the token bound;
+    an aborted request's cache is not kept."""
+    from vllm_spec_plugins.models import ensure_model
+    from vllm_spec_plugins.proposers import causal_lm
+    from vllm_spec_plugins.proposers.causal_lm import CausalLMDrafter
+
+    lm = CausalLMDrafter(str(ensure_model("smollm2-135m", progress=False)), num_layers=LAYERS,
+                         cpu_packing="float16", max_cached_tokens=400)
+    turn1 = np.tile(PROMPT, 2).astype(np.int64)
+    st = lm.new_state()
+    lm.predict(st, turn1, 1)
+    lm.release(st, keep=True)
+    turn2 = np.concatenate([turn1, [7, 8, 9, 10], PROMPT[:12]]).astype(np.int64)
+    st2 = lm.new_state()
+    assert lm.reuse_prefix(st2, turn2) == len(turn1)
+    ids, probs = lm.predict(st2, turn2, 5)
+    fresh = reference.new_state()
+    ref_ids, ref_probs = reference.predict(fresh, turn2, 5)
+    reference.release(fresh)
+    assert ids.tolist() == ref_ids.tolist() and np.allclose(probs, ref_probs, atol=1e-4)
+    assert lm.stats["reused_prefix_tokens"] == len(turn1)
+    # an unrelated prompt copies nothing; an aborted request's cache is not kept
+    other = lm.new_state()
+    assert lm.reuse_prefix(other, np.arange(100, 160, dtype=np.int64)) == 0
+    lm.predict(other, np.arange(100, 160, dtype=np.int64), 1)
+    lm.release(other, keep=False)
+    assert lm.reuse_prefix(lm.new_state(), np.arange(100, 160, dtype=np.int64)) == 0
+    # bounded: at most MAX_DONORS kept, and live requests evict kept ones first
+    for i in range(causal_lm.MAX_DONORS + 3):
+        s = lm.new_state()
+        lm.predict(s, np.arange(i * 50 + 200, i * 50 + 220, dtype=np.int64), 1)
+        lm.release(s, keep=True)
+    assert len(lm._donors) <= causal_lm.MAX_DONORS
+    big = lm.new_state()
+    lm.predict(big, np.tile(PROMPT, 12).astype(np.int64), 1)  # 360 of the 400 tokens
+    assert lm.stats["cached_tokens"] + lm.stats["kept_tokens"] <= 400
+    assert all(d.cache is not None for d in lm._donors.values())
+
+
+def test_the_draft_model_reads_a_window_of_the_last_max_context_tokens(reference):
+    """A long request is read from its last max_context tokens; the window
+    keeps its start (the cache goes on) until it has grown to twice that,
+    then starts again from the last max_context tokens. Each prediction is
+    what the model predicts reading exactly the window."""
+    from vllm_spec_plugins.models import ensure_model
+    from vllm_spec_plugins.proposers.causal_lm import CausalLMDrafter
+
+    W = 64
+    lm = CausalLMDrafter(str(ensure_model("smollm2-135m", progress=False)), num_layers=LAYERS,
+                         cpu_packing="float16", max_context=W)
+    rng = np.random.default_rng(1)
+    seq = rng.integers(10, 4000, size=300).astype(np.int64)
+
+    def check(upto, n, offset):
+        st_ids, st_p = lm.predict(st, seq[:upto], n)
+        assert st.offset == offset and len(st.tokens) == upto - offset
+        fresh = reference.new_state()
+        ref_ids, ref_p = reference.predict(fresh, seq[offset:upto], n)
+        reference.release(fresh)
+        assert st_ids.tolist() == ref_ids.tolist() and np.allclose(st_p, ref_p, atol=1e-4)
+
+    st = lm.new_state()
+    check(100, 1, 100 - W)          # first read: the last W tokens
+    forwards = lm.stats["forward_tokens"]
+    check(150, 5, 100 - W)          # same window start, only the new tokens run
+    assert lm.stats["forward_tokens"] - forwards == 50
+    check(140, 3, 100 - W)          # rolled back (a rejected draft)
+    check(100 + W, 2, 100 - W)      # grown to exactly 2W: the same window
+    check(230, 2, 230 - W)          # past 2W: read again from the last W
+    # a batch of rows windows each row the same way
+    st2 = lm.new_state()
+    lm.predict(st2, seq[:50], 1)
+    (a_ids, _), (b_ids, _) = lm.predict_batch([st, st2], [seq[:235], seq[:58]], [2, 2])
+    assert st.offset == 230 - W and st2.offset == 0
+    fresh = reference.new_state()
+    assert a_ids.tolist() == reference.predict(fresh, seq[230 - W:235], 2)[0].tolist()
+    reference.release(fresh)
+    # a prompt longer than the window copies no finished request's prefix
+    assert lm.reuse_prefix(lm.new_state(), seq[:W + 1]) == 0

@@ -23,8 +23,9 @@ a model level runs is ``passes``: an int, or ``"auto"``: a pass runs only
 while the acceptance measured online at the position it reaches, for tokens
 this level produced, pays for the pass's measured time at the engine's
 measured throughput (the same rule as the draft budget: a pass of ``s``
-seconds that adds an accepted token with probability ``q`` pays iff
-``q > s * E / T``).
+seconds that adds a token accepted with probability ``q`` pays iff
+``q - price > s * E / T``, where ``price`` is what the budget says verifying
+one more token costs at this batch).
 
 **Losslessness.** The cascade only chooses which tokens to draft; the target
 verifies them. Drafts are deterministic (greedy model choices, copied
@@ -139,7 +140,7 @@ class _ModelLevel:
         self.name = "draft_model" if index == 0 else f"draft_model{index}"
         self.lm = CausalLMDrafter(check_draft_model_path(config.model), config.dtype,
                                   config.num_layers, config.max_cached_tokens, config.device,
-                                  config.cpu_packing)
+                                  config.cpu_packing, config.max_context)
         self.pass_seconds: Optional[float] = None  # per row, smoothed
         self.passes = 0
         self.errors = 0
@@ -189,6 +190,7 @@ class CascadeProposer(Proposer):
         self.source_stats: dict[str, LevelStats] = {}
         self.arm_stats: dict[tuple[str, int], ArmStats] = {}
         self._rng = np.random.default_rng(0)
+        self._price = 0.0
         self.arm_explore = ARM_EXPLORE
         self.lower_errors = {name: 0 for name, _ in self.lower}
         self.rows = 0
@@ -200,6 +202,7 @@ class CascadeProposer(Proposer):
         for m in self.models:
             st = m.lm.new_state()
             try:
+                m.lm.reuse_prefix(st, prompt)  # a finished request's cache, where it fits
                 m.lm.predict(st, prompt, 1)  # prefill: the first step then only runs new tokens
             except Exception:
                 m.errors += 1
@@ -239,7 +242,7 @@ class CascadeProposer(Proposer):
 
     def finish_request(self, state: CascadeState, aborted: bool = False) -> None:
         for m, st in zip(self.models, state.lm):
-            m.lm.release(st)
+            m.lm.release(st, keep=not aborted)
         for i, (name, p) in enumerate(self.lower):
             if state.lower[i] is not _BROKEN:
                 try:
@@ -290,6 +293,7 @@ class CascadeProposer(Proposer):
         items = [(state, np.asarray(ctx, dtype=np.int64), min(int(k), self.num_speculative_tokens))
                  for state, ctx, k in batch]
         self._arms: dict[int, tuple] = {}  # row -> (arm key, arm) of this step
+        self._price = float(price) if price is not None else 0.0
         out = []
         drafts = self._draft(0, items, len(batch))
         for r, ((state, _, _), (toks, probs, srcs)) in enumerate(zip(items, drafts)):
@@ -433,7 +437,9 @@ class CascadeProposer(Proposer):
         reach = 1.0
         for i in range(pos):  # the chance the draft so far is all accepted
             reach *= st.rate(i)
-        gain = reach * st.rate(pos)
+        # the token it adds is worth its acceptance less what verifying it
+        # costs (the draft budget's price for this batch, in tokens)
+        gain = reach * st.rate(pos) - self._price
         tps = self._tokens_per_second()
         if tps is None or m.pass_seconds is None:
             return gain >= 0.5

@@ -12,6 +12,17 @@ Memory is bounded: the caches of all requests hold at most
 ``max_cached_tokens`` tokens; past that the least recently used request
 gives its cache up and re-reads its context the next time it drafts.
 
+The model reads at most the last ``max_context`` tokens of a request: a
+window that starts there and slides forward (read again from the last
+``max_context`` tokens) once it has grown to twice that. A draft model
+mostly needs the recent text, and a long prompt's full read would cost more
+than the drafts it improves; the cheaper levels still see everything.
+
+A finished request's cache is kept (a few, under the same bound) so that a
+new request whose prompt starts with its tokens (the next turn of a chat, a
+shared system prompt) copies that prefix instead of reading it again: a
+draft model's prompt read is most of what it costs on short requests.
+
 Torch and transformers are imported when a model is loaded, never from vLLM.
 """
 
@@ -26,17 +37,22 @@ from typing import Any, Optional
 import numpy as np
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+#: Finished requests' caches kept for prefix reuse (LRU), and the shortest
+#: shared prefix worth copying.
+MAX_DONORS = 16
+MIN_SHARED_PREFIX = 16
 
 
 class LMState:
     """One request's KV cache and the tokens it holds."""
 
-    __slots__ = ("tokens", "cache", "key")
+    __slots__ = ("tokens", "cache", "key", "offset")
 
     def __init__(self, key: int) -> None:
-        self.tokens: np.ndarray = np.zeros(0, np.int64)
+        self.tokens: np.ndarray = np.zeros(0, np.int64)  # what the cache holds (the window)
         self.cache: Any = None
         self.key = key
+        self.offset = 0  # where the window starts in the request's sequence
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -52,7 +68,7 @@ class CausalLMDrafter:
 
     def __init__(self, path: str, dtype: str = "float32", num_layers: Optional[int] = None,
                  max_cached_tokens: int = 262144, device: str = "auto",
-                 cpu_packing: str = "none") -> None:
+                 cpu_packing: str = "none", max_context: Optional[int] = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -84,12 +100,15 @@ class CausalLMDrafter:
         self.num_layers = len(model.model.layers)
         self.vocab_size = int(model.config.vocab_size)
         self.max_cached_tokens = int(max_cached_tokens)
+        self.max_context = None if max_context is None else max(16, int(max_context))
         self._live: "OrderedDict[int, LMState]" = OrderedDict()  # LRU order
         self._lock = threading.Lock()  # the LRU table (start_request may run off-thread)
         self._pinned: set[int] = set()  # states in a forward right now: never evicted
+        self._donors: "OrderedDict[int, LMState]" = OrderedDict()  # finished, kept for reuse
         self._next_key = 0
         self.stats = {"forwards": 0, "forward_tokens": 0, "forward_seconds": 0.0,
-                      "evictions": 0, "cached_tokens": 0}
+                      "evictions": 0, "cached_tokens": 0, "kept_tokens": 0,
+                      "reused_prefix_tokens": 0}
 
     # ----------------------------------------------------------- states
     def new_state(self) -> LMState:
@@ -99,16 +118,64 @@ class CausalLMDrafter:
             self._live[st.key] = st
         return st
 
-    def release(self, state: Optional[LMState]) -> None:
+    def release(self, state: Optional[LMState], keep: bool = False) -> None:
+        """The request is done with ``state``. ``keep``: its cache may serve
+        a later prompt that starts with the same tokens (see module note)."""
         if state is None:
             return
         with self._lock:
-            self._live.pop(state.key, None)
-            state.cache, state.tokens = None, state.tokens[:0]
+            if keep and state.cache is not None and len(state.tokens) >= MIN_SHARED_PREFIX:
+                self._donors[state.key] = state
+                self._live.move_to_end(state.key)
+                while len(self._donors) > MAX_DONORS:
+                    _, old = self._donors.popitem(last=False)
+                    self._drop(old)
+            else:
+                self._donors.pop(state.key, None)
+                self._drop(state)
             self._count()
 
-    def _count(self) -> None:
-        self.stats["cached_tokens"] = sum(len(s.tokens) for s in self._live.values())
+    def _drop(self, state: LMState) -> None:  # under the lock
+        self._live.pop(state.key, None)
+        state.cache, state.tokens = None, state.tokens[:0]
+
+    def reuse_prefix(self, state: LMState, seq: np.ndarray) -> int:
+        """Before ``state``'s first forward: copy the longest prefix of
+        ``seq`` that a kept finished request's cache holds (at least
+        MIN_SHARED_PREFIX tokens). Returns the tokens copied."""
+        seq = np.asarray(seq, dtype=np.int64)
+        if self.max_context is not None and len(seq) > self.max_context:
+            return 0  # its window will not start at the sequence's start
+        best, best_n = None, 0
+        with self._lock:
+            for d in self._donors.values():
+                if d.offset:
+                    continue
+                n = common_prefix(d.tokens, seq)
+                if n > best_n and d.cache is not None:
+                    best, best_n = d, n
+            if best is None or best_n < MIN_SHARED_PREFIX:
+                return 0
+            self._donors.move_to_end(best.key)
+            self._live.move_to_end(best.key)
+            layers = [(layer.keys, layer.values) for layer in best.cache.layers]
+        # leave at least the last token to run: a forward needs an input
+        n = min(best_n, len(seq) - 1)
+        if n < MIN_SHARED_PREFIX:
+            return 0
+        self._make_room(state, n)
+        state.cache = self._new_cache([(k[:, :, :n].clone(), v[:, :, :n].clone())
+                                       for k, v in layers])
+        state.tokens, state.offset = seq[:n], 0
+        self.stats["reused_prefix_tokens"] += n
+        return n
+
+    def _count(self) -> None:  # under the lock
+        """cached_tokens: live requests' caches; kept_tokens: finished ones
+        kept for prefix reuse. max_cached_tokens bounds both together."""
+        kept = sum(len(s.tokens) for s in self._donors.values())
+        self.stats["kept_tokens"] = kept
+        self.stats["cached_tokens"] = sum(len(s.tokens) for s in self._live.values()) - kept
 
     def _make_room(self, state: LMState, extra: int) -> None:
         """Evict least recently used caches (not ``state``'s) until ``extra``
@@ -123,9 +190,12 @@ class CausalLMDrafter:
                 if s is state or s.cache is None or key in self._pinned:
                     continue
                 total -= len(s.tokens)
-                s.cache, s.tokens = None, s.tokens[:0]
+                if self._donors.pop(key, None) is not None:
+                    self._drop(s)  # a kept finished request: nothing re-reads it
+                else:
+                    s.cache, s.tokens = None, s.tokens[:0]
                 self.stats["evictions"] += 1
-            self.stats["cached_tokens"] = total + extra
+            self._count()
 
     # ----------------------------------------------------------- forward
     def predict(self, state: LMState, seq: np.ndarray, n_out: int
@@ -133,9 +203,24 @@ class CausalLMDrafter:
         """The model's greedy next token and its probability after each of
         the last ``n_out`` prefixes of ``seq`` (``seq[:len-n_out+1]`` ...
         ``seq``), and the cache left holding ``seq``."""
-        seq = np.asarray(seq, dtype=np.int64)
+        seq = self._window(state, np.asarray(seq, dtype=np.int64), n_out)
         with self._pinning([state]):
             return self._predict(state, seq, n_out)
+
+    def _window(self, state: LMState, seq: np.ndarray, n_out: int) -> np.ndarray:
+        """The part of ``seq`` the model reads (see module note). Moving the
+        window's start drops the cache: positions are counted from it."""
+        W = self.max_context
+        if W is None:
+            return seq
+        off = state.offset
+        if (len(seq) - off > 2 * W or len(seq) - off <= n_out
+                or (state.cache is None and len(seq) - off > W)):
+            new = max(0, len(seq) - W)
+            if new != off:
+                state.offset = off = new
+                state.cache, state.tokens = None, state.tokens[:0]
+        return seq[off:]
 
     def _pinning(self, states):
         """While a forward uses these states, another thread's eviction skips them."""
@@ -176,6 +261,8 @@ class CausalLMDrafter:
             top_p, top_i = probs.max(dim=-1)
         state.cache = out.past_key_values
         state.tokens = seq
+        with self._lock:
+            self._count()
         st = self.stats
         st["forwards"] += 1
         st["forward_tokens"] += L - start
@@ -199,7 +286,8 @@ class CausalLMDrafter:
 
     def _predict_batch(self, states, seqs, n_outs):
         torch = self._torch
-        seqs = [np.asarray(q, dtype=np.int64) for q in seqs]
+        seqs = [self._window(st, np.asarray(q, dtype=np.int64), n)
+                for st, q, n in zip(states, seqs, n_outs)]
         outs: list = [None] * len(states)
         rows = []  # (index, kept prefix length, n_out)
         for i, (st, q, n) in enumerate(zip(states, seqs, n_outs)):
@@ -265,6 +353,8 @@ class CausalLMDrafter:
                                             layer.values[b:b + 1, :, P:P + m]], dim=2)))
                 states[i].cache = self._new_cache(mine)
                 states[i].tokens = seqs[i]
+        with self._lock:
+            self._count()
         st = self.stats
         st["forwards"] += 1
         st["batched_forwards"] = st.get("batched_forwards", 0) + 1
