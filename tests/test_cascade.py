@@ -219,7 +219,7 @@ def test_draft_model_cache_is_bounded_and_still_exact(reference):
 
 
 def test_auto_passes_stop_when_a_pass_costs_more_than_it_gains(reference):
-    p = cascade(passes="auto")
+    p = cascade(passes="auto", prompt_read="at_start")  # no read to weigh: passes only
     m = p.models[0]
 
     class Throughput:
@@ -334,14 +334,14 @@ def test_check_or_trust_learns_where_the_models_check_does_not_pay(reference):
     assert arms and all(sum(v["rows"].values()) > 0 for v in arms.values())
     p._arms = {}
     p.arm_explore = 0.0
-    assert {p._choose_arm(0, m, key) for key in p.arm_stats} == {"trust"}
+    assert {p._choose_arm(0, m, key, 0) for key in p.arm_stats} == {"trust"}
     # a free pass: the arm with more accepted tokens per row wins
     m.pass_seconds = 0.0
     for key, a in p.arm_stats.items():
         prior = (a.accepted["check"] + a.accepted["trust"] + 1.0) / (
             a.rows["check"] + a.rows["trust"] + 1.0)
         better = "trust" if a.mean("trust", prior) > a.mean("check", prior) else "check"
-        assert p._choose_arm(0, m, key) == better
+        assert p._choose_arm(0, m, key, 0) == better
     assert all(d.tokens for d in drafts)
 
 
@@ -434,7 +434,9 @@ def test_the_draft_model_reads_a_window_of_the_last_max_context_tokens(reference
     seq = rng.integers(10, 4000, size=300).astype(np.int64)
 
     def check(upto, n, offset):
+        pending, before = lm.pending_tokens(st, seq[:upto], n), lm.stats["forward_tokens"]
         st_ids, st_p = lm.predict(st, seq[:upto], n)
+        assert lm.stats["forward_tokens"] - before == pending  # what it said it would run
         assert st.offset == offset and len(st.tokens) == upto - offset
         fresh = reference.new_state()
         ref_ids, ref_p = reference.predict(fresh, seq[offset:upto], n)
@@ -459,3 +461,58 @@ def test_the_draft_model_reads_a_window_of_the_last_max_context_tokens(reference
     reference.release(fresh)
     # a prompt longer than the window copies no finished request's prefix
     assert lm.reuse_prefix(lm.new_state(), seq[:W + 1]) == 0
+
+
+def test_the_prompt_is_read_when_a_pass_first_needs_it(reference):
+    """prompt_read "when_needed": starting a request runs no forward; a row
+    whose cheap proposal would need the prompt read first is sent unchecked
+    (a read is no first try), and one with nothing to check reads it and
+    drafts the model's greedy tokens. "at_start" reads it at once. A measured
+    read time is charged to the check: enough pending tokens turn an arm
+    that pays into one that does not."""
+    from vllm_spec_plugins.proposers.cascade import ArmStats
+    from vllm_spec_plugins.proposers.causal_lm import READ_MIN_TOKENS
+
+    p = cascade(passes="auto")
+    lm = p.models[0].lm
+    assert lm.read_seconds_per_token is None
+    p.warmup()
+    assert lm.read_seconds_per_token and lm.read_seconds_per_token > 0
+    before = lm.stats["forwards"]
+    st = p.start_request("w", PROMPT)
+    assert lm.stats["forwards"] == before and st.lm[0].cache is None
+    # PROMPT repeats: the suffix tree proposes a copy; checking it would read 30 tokens
+    long_prompt = np.tile(PROMPT, 2)
+    st2 = p.start_request("w2", long_prompt)
+    d = p.propose_scored_batch([(st2, long_prompt, 8)])[0]
+    assert d.tokens and set(st2.last[1]) <= {"suffix_tree", "ngram"}
+    assert lm.stats["forwards"] == before and st2.last[2][1] == "trust"
+    # nothing to check (no earlier occurrence): the model reads and drafts
+    fresh = np.arange(400, 440, dtype=np.int32)
+    st3 = p.start_request("w3", fresh)
+    d = p.propose_scored_batch([(st3, fresh, 4)])[0]
+    assert d.tokens[:1] == greedy(reference, fresh, 1) and st3.last[1][0] == "draft_model"
+    assert lm.stats["forward_tokens"] >= len(fresh)
+    for s in (st, st2, st3):
+        p.finish_request(s)
+    eager = cascade(passes="auto", prompt_read="at_start")
+    n0 = eager.models[0].lm.stats["forward_tokens"]
+    s = eager.start_request("e", PROMPT)
+    assert eager.models[0].lm.stats["forward_tokens"] - n0 == len(PROMPT)
+    eager.finish_request(s)
+
+    # the charge: an arm worth checking at no read is not worth it behind a long one
+    class Throughput:
+        def tokens_per_second(self):
+            return 10.0
+
+    p.set_step_cost(Throughput())
+    m = p.models[0]
+    m.pass_seconds, lm.read_seconds_per_token = 0.01, 0.01
+    p.arm_stats[("suffix_tree", 4)] = a = ArmStats()
+    a.rows.update(check=50, trust=50)
+    a.accepted.update(check=200, trust=150)  # checking adds a token a row
+    p.arm_explore, p._arms = 0.0, {}
+    key = ("suffix_tree", 4)
+    assert p._choose_arm(0, m, key, 10) == "check"
+    assert p._choose_arm(0, m, key, READ_MIN_TOKENS + 20) == "trust"  # 0.2 s x 10 tok/s > 1

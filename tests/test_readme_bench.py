@@ -33,7 +33,8 @@ ADDED_LATER = {"cpu_preload": "auto", "draft_model_k": None}
 # Reports the README labels as made before a method gained settings: report -> the
 # words of the README's label for it.
 EARLIER_RUNS = {"docs/bench/qwen15": "before Token Recycling's calibration",
-                "docs/bench/qwen15_cascade": "before the sliding window"}
+                "docs/bench/qwen15_cascade": "before the sliding window",
+                "docs/bench/qwen15_cascade_v2": "before the prompt was read when needed"}
 # Settings whose default changed after an earlier run (the README's table names
 # the value that run had): their recorded values stand.
 CHANGED_SINCE = {"docs/bench/qwen15_cascade": {"cpu_packing"}}

@@ -367,6 +367,14 @@ class DraftModelLevel(BaseModel):
                     "twice this): reading a long prompt costs a draft model more "
                     "than the far context improves its drafts; the levels below "
                     "still see everything. null = the whole request.")
+    prompt_read: Literal["when_needed", "at_start"] = Field(
+        "when_needed",
+        description="When the draft model reads a request's prompt: "
+                    "\"when_needed\" = at the first pass that request needs (a "
+                    "request the cheaper levels draft well, e.g. one that copies, "
+                    "may never pay for it), and a check that would first have to "
+                    "read (or catch up on) many tokens counts that time against it; "
+                    "\"at_start\" = when the request starts (the ablation).")
     max_cached_tokens: int = Field(
         262144, ge=256, le=1 << 30,
         description="KV cache bound over all requests, in tokens (least "

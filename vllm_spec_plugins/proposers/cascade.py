@@ -27,6 +27,15 @@ seconds that adds a token accepted with probability ``q`` pays iff
 ``q - price > s * E / T``, where ``price`` is what the budget says verifying
 one more token costs at this batch).
 
+**Check or trust.** With ``passes: "auto"``, the top model level's first
+pass over a row that has a cheap proposal is a choice (``_choose_arm``):
+check the proposal with the model, or send it unchecked, measured per kind
+of proposal. The model reads a request's prompt only when a pass first
+needs it (``prompt_read: "when_needed"``); a check that would first have to
+read many tokens (that prompt, or trusted tokens to catch up on) is charged
+that read's measured time, so a request the cheap levels draft alone (one
+that copies) never pays for the read.
+
 **Losslessness.** The cascade only chooses which tokens to draft; the target
 verifies them. Drafts are deterministic (greedy model choices, copied
 tokens), so vLLM's rejection sampler treats each as a point mass (q = 1):
@@ -203,7 +212,8 @@ class CascadeProposer(Proposer):
             st = m.lm.new_state()
             try:
                 m.lm.reuse_prefix(st, prompt)  # a finished request's cache, where it fits
-                m.lm.predict(st, prompt, 1)  # prefill: the first step then only runs new tokens
+                if m.config.prompt_read == "at_start":
+                    m.lm.predict(st, prompt, 1)  # the first step then only runs new tokens
             except Exception:
                 m.errors += 1
                 logger.warning("vllm-spec-plugins: cascade level %s failed reading the prompt of "
@@ -359,7 +369,11 @@ class CascadeProposer(Proposer):
                 # Check the cheap proposal with the model, or send it as it is?
                 kept = []
                 for i, b in zip(active, below):
-                    if b[0] and self._choose_arm(i, m, proposal_key(b[2], len(b[0]))) == TRUST:
+                    if b[0] and self._choose_arm(
+                            i, m, proposal_key(b[2], len(b[0])),
+                            m.lm.pending_tokens(items[i][0].lm[level],
+                                                _extend(items[i][1], b[0]),
+                                                len(b[0]) + 1)) == TRUST:
                         out[i] = (list(b[0]), list(b[1]), list(b[2]))
                     else:
                         kept.append((i, b))
@@ -404,25 +418,36 @@ class CascadeProposer(Proposer):
                 out[i][2].extend(b_srcs)
         return out
 
-    def _choose_arm(self, row: int, m: _ModelLevel, key: tuple[str, int]) -> str:
+    def _choose_arm(self, row: int, m: _ModelLevel, key: tuple[str, int], pending: int) -> str:
         """For a row with a cheap proposal of kind ``key``: check it with the
         model (a pass of measured time) or trust it unchecked (free)? Measured
         per kind: accepted tokens per row under each arm, the check's less
         what its time is worth (seconds x the engine's tokens per second).
         Where copying wins (a long suffix match), trusting it keeps what the
         cheap level wins alone; where it guesses, the model's check pays.
-        The arm that looks worse is still tried on ARM_EXPLORE of rows."""
+
+        ``pending``: the tokens the check's forward would run. Past
+        READ_MIN_TOKENS it is a *read* (the prompt not yet read, or a long
+        run of trusted tokens to catch up on): its measured time is charged
+        to the check too, and neither a first try nor exploration (the arm
+        that looks worse, on ARM_EXPLORE of rows) pays for one."""
+        from .causal_lm import READ_MIN_TOKENS
+
         a = self.arm_stats.get(key)
         tps = self._tokens_per_second()
+        reading = pending >= READ_MIN_TOKENS
         if a is None or tps is None or m.pass_seconds is None:
-            arm = CHECK
+            arm = TRUST if reading else CHECK
         else:
             prior = (a.accepted[CHECK] + a.accepted[TRUST] + 1.0) / (
                 a.rows[CHECK] + a.rows[TRUST] + 1.0)
-            check = a.mean(CHECK, prior) - m.pass_seconds * tps
+            seconds = m.pass_seconds
+            if reading:
+                seconds += (pending - READ_MIN_TOKENS) * (m.lm.read_seconds_per_token or 0.0)
+            check = a.mean(CHECK, prior) - seconds * tps
             trust = a.mean(TRUST, prior)
             arm = TRUST if trust > check else CHECK
-        if self._rng.random() < self.arm_explore:
+        if not reading and self._rng.random() < self.arm_explore:
             arm = TRUST if arm == CHECK else CHECK
         self._arms[row] = (key, arm)
         return arm
@@ -470,6 +495,8 @@ class CascadeProposer(Proposer):
                               "passes": m.passes, "errors": m.errors,
                               "pass_ms": None if m.pass_seconds is None
                               else round(m.pass_seconds * 1e3, 2),
+                              "read_ms_per_token": None if m.lm.read_seconds_per_token is None
+                              else round(m.lm.read_seconds_per_token * 1e3, 3),
                               **{k: (round(v, 3) if isinstance(v, float) else v)
                                  for k, v in m.lm.stats.items()}}
         for name, _ in self.lower:

@@ -41,6 +41,10 @@ _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 #: shared prefix worth copying.
 MAX_DONORS = 16
 MIN_SHARED_PREFIX = 16
+#: A forward running at least this many tokens is a *read* (a prompt, a
+#: catch-up): its time per token is what ``read_seconds_per_token`` tracks.
+READ_MIN_TOKENS = 32
+READ_TIME_EMA = 0.2
 
 
 class LMState:
@@ -109,6 +113,8 @@ class CausalLMDrafter:
         self.stats = {"forwards": 0, "forward_tokens": 0, "forward_seconds": 0.0,
                       "evictions": 0, "cached_tokens": 0, "kept_tokens": 0,
                       "reused_prefix_tokens": 0}
+        #: Measured seconds per token of a long forward (None until one ran).
+        self.read_seconds_per_token: Optional[float] = None
 
     # ----------------------------------------------------------- states
     def new_state(self) -> LMState:
@@ -198,6 +204,30 @@ class CausalLMDrafter:
             self._count()
 
     # ----------------------------------------------------------- forward
+    def pending_tokens(self, state: LMState, seq: np.ndarray, n_out: int) -> int:
+        """How many tokens :meth:`predict` of ``seq`` would run for ``state``
+        now (the same window and cache rules, nothing changed): what a pass
+        costs beyond its own few tokens when the cache lags behind."""
+        seq_len = len(seq)
+        W = self.max_context
+        off, cached = state.offset, state.cache is not None
+        if W is not None and (seq_len - off > 2 * W or seq_len - off <= n_out
+                              or (not cached and seq_len - off > W)):
+            new = max(0, seq_len - W)
+            if new != off:
+                off, cached = new, False
+        L = seq_len - off
+        n = max(1, min(int(n_out), L))
+        keep = common_prefix(state.tokens, np.asarray(seq[off:], dtype=np.int64)) if cached else 0
+        start = min(keep, L - n)
+        return L if start <= 0 else L - start
+
+    def _timed_read(self, tokens: int, seconds: float) -> None:
+        if tokens >= READ_MIN_TOKENS:
+            per = seconds / tokens
+            r = self.read_seconds_per_token
+            self.read_seconds_per_token = per if r is None else r + READ_TIME_EMA * (per - r)
+
     def predict(self, state: LMState, seq: np.ndarray, n_out: int
                 ) -> tuple[np.ndarray, np.ndarray]:
         """The model's greedy next token and its probability after each of
@@ -264,9 +294,11 @@ class CausalLMDrafter:
         with self._lock:
             self._count()
         st = self.stats
+        dt = time.perf_counter() - t0
         st["forwards"] += 1
         st["forward_tokens"] += L - start
-        st["forward_seconds"] += time.perf_counter() - t0
+        st["forward_seconds"] += dt
+        self._timed_read(L - start, dt)
         return top_i.cpu().numpy().astype(np.int64), top_p.cpu().numpy().astype(np.float64)
 
     def predict_batch(self, states: list[LMState], seqs: list[np.ndarray], n_outs: list[int]
@@ -356,10 +388,13 @@ class CausalLMDrafter:
         with self._lock:
             self._count()
         st = self.stats
+        dt = time.perf_counter() - t0
+        ran = sum(len(seqs[i]) - start for i, start, _ in rows)
         st["forwards"] += 1
         st["batched_forwards"] = st.get("batched_forwards", 0) + 1
-        st["forward_tokens"] += sum(len(seqs[i]) - start for i, start, _ in rows)
-        st["forward_seconds"] += time.perf_counter() - t0
+        st["forward_tokens"] += ran
+        st["forward_seconds"] += dt
+        self._timed_read(ran, dt)
         return outs
 
     def _new_cache(self, layers):
@@ -368,9 +403,16 @@ class CausalLMDrafter:
         return DynamicCache(ddp_cache_data=layers)
 
     def warmup(self) -> None:
-        """One small forward: allocations and kernel choices before serving."""
+        """Small forwards before serving: allocations and kernel choices, and
+        a first measure of what reading costs per token (the second read: the
+        first pays one-off set-up)."""
         st = self.new_state()
         try:
             self.predict(st, np.arange(1, 9, dtype=np.int64) % self.vocab_size, 2)
+            for _ in range(2):
+                st.cache, st.tokens = None, st.tokens[:0]
+                self.read_seconds_per_token = None
+                self.predict(st, np.arange(1, 2 * READ_MIN_TOKENS + 1, dtype=np.int64)
+                             % self.vocab_size, 1)
         finally:
             self.release(st)
