@@ -67,6 +67,16 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(diff[0]) if len(diff) else n
 
 
+def _run_start(state: LMState, seq: np.ndarray, n_out: int) -> int:
+    """Where a forward of ``seq`` starts running: after the prefix the cache
+    shares with it, but the last ``n_out`` positions always run; 0 = a
+    fresh read (no cache)."""
+    if state.cache is None:
+        return 0
+    n = max(1, min(int(n_out), len(seq)))
+    return max(0, min(common_prefix(state.tokens, seq), len(seq) - n))
+
+
 class CausalLMDrafter:
     """A Hugging Face causal LM with per-request KV caches (see module note)."""
 
@@ -208,19 +218,11 @@ class CausalLMDrafter:
         """How many tokens :meth:`predict` of ``seq`` would run for ``state``
         now (the same window and cache rules, nothing changed): what a pass
         costs beyond its own few tokens when the cache lags behind."""
-        seq_len = len(seq)
-        W = self.max_context
-        off, cached = state.offset, state.cache is not None
-        if W is not None and (seq_len - off > 2 * W or seq_len - off <= n_out
-                              or (not cached and seq_len - off > W)):
-            new = max(0, seq_len - W)
-            if new != off:
-                off, cached = new, False
-        L = seq_len - off
-        n = max(1, min(int(n_out), L))
-        keep = common_prefix(state.tokens, np.asarray(seq[off:], dtype=np.int64)) if cached else 0
-        start = min(keep, L - n)
-        return L if start <= 0 else L - start
+        moved = self._window_move(state, len(seq), n_out)
+        if moved is not None:
+            return len(seq) - moved  # a new window: read from its start
+        q = np.asarray(seq[state.offset:], dtype=np.int64)
+        return len(q) - _run_start(state, q, n_out)
 
     def _timed_read(self, tokens: int, seconds: float) -> None:
         if tokens >= READ_MIN_TOKENS:
@@ -240,17 +242,24 @@ class CausalLMDrafter:
     def _window(self, state: LMState, seq: np.ndarray, n_out: int) -> np.ndarray:
         """The part of ``seq`` the model reads (see module note). Moving the
         window's start drops the cache: positions are counted from it."""
+        moved = self._window_move(state, len(seq), n_out)
+        if moved is not None:
+            state.offset = moved
+            state.cache, state.tokens = None, state.tokens[:0]
+        return seq[state.offset:]
+
+    def _window_move(self, state: LMState, seq_len: int, n_out: int) -> Optional[int]:
+        """The window's new start if reading ``seq_len`` tokens moves it, else None."""
         W = self.max_context
         if W is None:
-            return seq
+            return None
         off = state.offset
-        if (len(seq) - off > 2 * W or len(seq) - off <= n_out
-                or (state.cache is None and len(seq) - off > W)):
-            new = max(0, len(seq) - W)
+        if (seq_len - off > 2 * W or seq_len - off <= n_out
+                or (state.cache is None and seq_len - off > W)):
+            new = max(0, seq_len - W)
             if new != off:
-                state.offset = off = new
-                state.cache, state.tokens = None, state.tokens[:0]
-        return seq[off:]
+                return new
+        return None
 
     def _pinning(self, states):
         """While a forward uses these states, another thread's eviction skips them."""
@@ -271,8 +280,7 @@ class CausalLMDrafter:
         torch = self._torch
         L = len(seq)
         n_out = max(1, min(int(n_out), L))
-        keep = common_prefix(state.tokens, seq) if state.cache is not None else 0
-        start = min(keep, L - n_out)  # the last n_out positions must be run
+        start = _run_start(state, seq, n_out)
         self._make_room(state, L - start)
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -324,9 +332,8 @@ class CausalLMDrafter:
         rows = []  # (index, kept prefix length, n_out)
         for i, (st, q, n) in enumerate(zip(states, seqs, n_outs)):
             n = max(1, min(int(n), len(q)))
-            keep = common_prefix(st.tokens, q) if st.cache is not None else 0
-            start = min(keep, len(q) - n)
-            if st.cache is None or start == 0:
+            start = _run_start(st, q, n)
+            if start == 0:
                 outs[i] = self._predict(st, q, n)  # a full prefill: its own pass
             else:
                 rows.append((i, start, n))
