@@ -69,9 +69,10 @@ class RecordingProposer(Proposer):
     def save_state(self):
         if not self.config.state_path:
             return False
-        self.save_threads.append(threading.current_thread().name)
         with open(self.config.state_path, "w") as f:
             f.write(str(len(self.finished)))
+        # recorded after the write, so a test that sees the thread also sees the file
+        self.save_threads.append(threading.current_thread().name)
         return True
 
     def export_shared(self):

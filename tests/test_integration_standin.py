@@ -210,7 +210,7 @@ def test_autosave_runs_in_the_background(tmp_path):
         r.add(StandInRequest(f"r{i}", periodic(10, base=i), periodic(16, base=i)[10:]))
     r.run()
     deadline = time.monotonic() + 5
-    while not p.save_threads and time.monotonic() < deadline:
+    while not (p.save_threads and d.saver.saves) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert p.save_threads and all(t != "MainThread" for t in p.save_threads)
     assert state.read_text() in {"2", "3", "4"}
