@@ -234,7 +234,7 @@ def test_auto_passes_stop_when_a_pass_costs_more_than_it_gains(reference):
     p.set_step_cost(Throughput(1e6))  # a second of step time is worth a million tokens
     m.pass_seconds = 1.0
     p.propose_scored_batch([(st, PROMPT, 8)])
-    assert m.passes == 1  # only the first pass, which keeps the estimates measured
+    assert m.passes == 0  # no pass pays: the cheap proposal goes unchecked
     p.set_step_cost(Throughput(1e-3))  # a target so slow that any pass pays
     before = m.passes
     d = p.propose_scored_batch([(st, PROMPT, 8)])[0]
@@ -340,9 +340,13 @@ def test_check_or_trust_learns_where_the_models_check_does_not_pay(reference):
     for key, a in p.arm_stats.items():
         prior = (a.accepted["check"] + a.accepted["trust"] + 1.0) / (
             a.rows["check"] + a.rows["trust"] + 1.0)
-        better = "trust" if a.mean("trust", prior) > a.mean("check", prior) else "check"
+        bonus = p._level_stats(m).rate(0)  # the check's prior: one model token more
+        better = ("trust" if a.mean("trust", prior) > a.mean("check", prior + bonus)
+                  else "check")
         assert p._choose_arm(0, m, key, 0) == better
-    assert all(d.tokens for d in drafts)
+    # rows with a proposal drafted (checked or not); a row with nothing to
+    # check gets no model pass at this price (see the rent-or-buy test)
+    assert any(d.tokens for d in drafts)
 
 
 def test_cpu_packing_keeps_the_models_greedy_choices(reference):
@@ -516,3 +520,62 @@ def test_the_prompt_is_read_when_a_pass_first_needs_it(reference):
     key = ("suffix_tree", 4)
     assert p._choose_arm(0, m, key, 10) == "check"
     assert p._choose_arm(0, m, key, READ_MIN_TOKENS + 20) == "trust"  # 0.2 s x 10 tok/s > 1
+
+
+def test_a_read_is_bought_once_the_gain_forgone_covers_it(reference):
+    """Rent or buy: a pass that must first read (a prompt, a catch-up) runs
+    once the gain forgone without it, summed over the request's steps,
+    covers the read's measured cost; then the sum starts again. A row with
+    nothing to check and nothing to read gets the model's pass only while
+    its token pays. Reads run alone in a batched pass and are not counted
+    in the pass time."""
+    from vllm_spec_plugins.proposers.cascade import ArmStats
+    from vllm_spec_plugins.proposers.causal_lm import READ_MIN_TOKENS
+
+    class Throughput:
+        def tokens_per_second(self):
+            return 10.0
+
+    p = cascade(passes="auto")
+    m, lm = p.models[0], p.models[0].lm
+    p.set_step_cost(Throughput())
+    m.pass_seconds, lm.read_seconds_per_token, p._price = 0.01, 0.0097, 0.0
+    p.arm_explore = 0.0
+    # the model's own token: prior acceptance 0.6, less 0.1 for the pass;
+    # a read of 100 tokens past READ_MIN_TOKENS costs 100 x 0.0097 s x 10 tok/s
+    credit = [0.0]
+    pending = READ_MIN_TOKENS + 100
+    bought = [p._own_pass_pays(m, pending, credit) for _ in range(25)]
+    assert bought.index(True) == 19 and bought.count(True) == 1  # 20 x 0.5 >= 9.7
+    assert abs(credit[0] - 5 * 0.5) < 1e-9
+    assert p._own_pass_pays(m, 10, [0.0])  # no read: 0.5 > 0 pays
+    m.pass_seconds = 1.0  # a pass worth 10 tokens: the model's token does not pay
+    assert not p._own_pass_pays(m, 10, [0.0])
+    credit = [0.0]
+    assert not any(p._own_pass_pays(m, pending, credit) for _ in range(50)) and credit[0] == 0
+    # a check that adds ~0.98 token a row over trusting the proposal: bought after 10 rows
+    m.pass_seconds = 0.0
+    p.arm_stats[("suffix_tree", 4)] = a = ArmStats()
+    a.rows.update(check=100, trust=100)
+    a.accepted.update(check=400, trust=300)
+    credit, p._arms = [0.0], {}
+    arms = [p._choose_arm(0, m, ("suffix_tree", 4), pending, credit) for _ in range(12)]
+    assert arms.index("check") == 9 and arms.count("check") == 1
+
+    # in a batched pass a long catch-up runs alone: the other row is not
+    # padded to it, and its time stays out of the pass time
+    p = cascade(passes="auto")
+    m, lm = p.models[0], p.models[0].lm
+    a_ctx, b_ctx = PROMPT.copy(), np.arange(600, 640, dtype=np.int64)
+    sa, sb = p.start_request("a", a_ctx), p.start_request("b", b_ctx)
+    m.timed_predict([sa.lm[0], sb.lm[0]], [a_ctx, b_ctx], [1, 1])  # both read from scratch
+    sb_next = np.concatenate([b_ctx, np.arange(700, 700 + READ_MIN_TOKENS + 8)])
+    a_next = np.concatenate([a_ctx, [5, 6]])
+    reads, batched = lm.stats["reads"], lm.stats.get("batched_forwards", 0)
+    t0 = lm.stats["forward_tokens"]
+    out = m.timed_predict([sa.lm[0], sb.lm[0]], [a_next, sb_next], [1, 1])
+    assert lm.stats["reads"] == reads + 1 and lm.stats.get("batched_forwards", 0) == batched
+    assert lm.stats["forward_tokens"] - t0 == 2 + READ_MIN_TOKENS + 8
+    assert [int(o[0][0]) for o in out] == [greedy(reference, a_next, 1)[0],
+                                           greedy(reference, sb_next, 1)[0]]
+    assert m.pass_seconds is not None

@@ -30,11 +30,14 @@ one more token costs at this batch).
 **Check or trust.** With ``passes: "auto"``, the top model level's first
 pass over a row that has a cheap proposal is a choice (``_choose_arm``):
 check the proposal with the model, or send it unchecked, measured per kind
-of proposal. The model reads a request's prompt only when a pass first
-needs it (``prompt_read: "when_needed"``); a check that would first have to
-read many tokens (that prompt, or trusted tokens to catch up on) is charged
-that read's measured time, so a request the cheap levels draft alone (one
-that copies) never pays for the read.
+of proposal; a row with nothing to check gets the model's own pass only
+where its token pays for the pass. The model reads a request's prompt only
+when a pass first needs it (``prompt_read: "when_needed"``). A pass that
+would first have to read many tokens (that prompt, or trusted tokens to
+catch up on) waits until the gain forgone without the model, summed over
+the request's steps, covers the read's measured time (``_read_pays``,
+rent-or-buy), so a request the cheap levels draft alone (one that copies)
+never pays for a read, and one they cannot draft reads after a few steps.
 
 **Losslessness.** The cascade only chooses which tokens to draft; the target
 verifies them. Drafts are deterministic (greedy model choices, copied
@@ -109,6 +112,7 @@ class CascadeState(NamedTuple):
     lm: list            # per model level: its LMState (None if that level failed to start)
     lower: list         # per model-free level: what its start_request returned
     last: list          # [tokens, sources, (arm key, arm) or None] of the last draft
+    read_credit: list   # per model level: gain forgone while a read was not bought
 
 
 #: Arms of the top model level's first decision per row (see ``_choose_arm``).
@@ -155,12 +159,19 @@ class _ModelLevel:
         self.errors = 0
 
     def timed_predict(self, states, seqs, n_outs):
-        """One pass for several rows; ``pass_seconds`` tracks its time per row."""
+        """One pass for several rows; ``pass_seconds`` tracks its time per
+        row that did not read (reads run alone and are priced apart, by
+        ``read_seconds_per_token``: counting them here too charged them twice)."""
+        st = self.lm.stats
+        reads0, read_s0 = st["reads"], st["read_seconds"]
         t0 = time.perf_counter()
         out = self.lm.predict_batch(states, seqs, n_outs)
-        dt = (time.perf_counter() - t0) / max(1, len(states))
-        ps = self.pass_seconds
-        self.pass_seconds = dt if ps is None else ps + PASS_TIME_EMA * (dt - ps)
+        dt = time.perf_counter() - t0 - (st["read_seconds"] - read_s0)
+        rows = len(states) - (st["reads"] - reads0)
+        if rows > 0 and dt > 0:
+            dt /= rows
+            ps = self.pass_seconds
+            self.pass_seconds = dt if ps is None else ps + PASS_TIME_EMA * (dt - ps)
         self.passes += 1
         return out
 
@@ -228,7 +239,7 @@ class CascadeProposer(Proposer):
             except Exception:
                 self._lower_failed(name, "start_request")
                 lower.append(_BROKEN)
-        return CascadeState(lm_states, lower, [None, None, None])
+        return CascadeState(lm_states, lower, [None, None, None], [0.0] * len(self.models))
 
     def on_tokens(self, state: CascadeState, new_token_ids: np.ndarray) -> None:
         self._score_last(state, new_token_ids)
@@ -366,17 +377,21 @@ class CascadeProposer(Proposer):
             else:  # horizontal only: the model's own next token, nothing to check
                 below = [([], [], []) for _ in active]
             if passes == 0 and level == 0 and m.config.vertical and m.config.passes == "auto":
-                # Check the cheap proposal with the model, or send it as it is?
+                # Check the cheap proposal with the model, or send it as it
+                # is? With nothing to check: does the model's own token pay?
                 kept = []
                 for i, b in zip(active, below):
-                    if b[0] and self._choose_arm(
-                            i, m, proposal_key(b[2], len(b[0])),
-                            m.lm.pending_tokens(items[i][0].lm[level],
-                                                _extend(items[i][1], b[0]),
-                                                len(b[0]) + 1)) == TRUST:
-                        out[i] = (list(b[0]), list(b[1]), list(b[2]))
-                    else:
-                        kept.append((i, b))
+                    st = items[i][0]
+                    pending = m.lm.pending_tokens(st.lm[level], _extend(items[i][1], b[0]),
+                                                  len(b[0]) + 1)
+                    if b[0]:
+                        if self._choose_arm(i, m, proposal_key(b[2], len(b[0])), pending,
+                                            st.read_credit) == TRUST:
+                            out[i] = (list(b[0]), list(b[1]), list(b[2]))
+                            continue
+                    elif not self._own_pass_pays(m, pending, st.read_credit):
+                        continue  # this row drafts nothing this step
+                    kept.append((i, b))
                 if len(kept) < len(active):
                     active = [i for i, _ in kept]
                     below = [b for _, b in kept]
@@ -418,7 +433,8 @@ class CascadeProposer(Proposer):
                 out[i][2].extend(b_srcs)
         return out
 
-    def _choose_arm(self, row: int, m: _ModelLevel, key: tuple[str, int], pending: int) -> str:
+    def _choose_arm(self, row: int, m: _ModelLevel, key: tuple[str, int], pending: int,
+                    credit: Optional[list] = None) -> str:
         """For a row with a cheap proposal of kind ``key``: check it with the
         model (a pass of measured time) or trust it unchecked (free)? Measured
         per kind: accepted tokens per row under each arm, the check's less
@@ -428,29 +444,71 @@ class CascadeProposer(Proposer):
 
         ``pending``: the tokens the check's forward would run. Past
         READ_MIN_TOKENS it is a *read* (the prompt not yet read, or a long
-        run of trusted tokens to catch up on): its measured time is charged
-        to the check too, and neither a first try nor exploration (the arm
-        that looks worse, on ARM_EXPLORE of rows) pays for one."""
+        run of trusted tokens to catch up on), bought as ``_read_pays`` says
+        with the request's ``credit``; neither a first try nor exploration
+        (the arm that looks worse, on ARM_EXPLORE of rows) pays for one."""
         from .causal_lm import READ_MIN_TOKENS
 
-        a = self.arm_stats.get(key)
+        a = self.arm_stats.get(key) or ArmStats()
         tps = self._tokens_per_second()
         reading = pending >= READ_MIN_TOKENS
-        if a is None or tps is None or m.pass_seconds is None:
+        if tps is None or m.pass_seconds is None:
             arm = TRUST if reading else CHECK
         else:
             prior = (a.accepted[CHECK] + a.accepted[TRUST] + 1.0) / (
                 a.rows[CHECK] + a.rows[TRUST] + 1.0)
-            seconds = m.pass_seconds
-            if reading:
-                seconds += (pending - READ_MIN_TOKENS) * (m.lm.read_seconds_per_token or 0.0)
-            check = a.mean(CHECK, prior) - seconds * tps
+            # until checks of this kind are measured, a check is taken to add
+            # what the model's own next token is worth (its acceptance at
+            # position 1): else a kind never checked while reads are pending
+            # would never build the credit that buys its first read
+            check = (a.mean(CHECK, prior + self._level_stats(m).rate(0))
+                     - m.pass_seconds * tps)
             trust = a.mean(TRUST, prior)
-            arm = TRUST if trust > check else CHECK
+            if reading:
+                credit = credit if credit is not None else [0.0] * (m.index + 1)
+                arm = CHECK if self._read_pays(m, credit, check - trust, pending, tps) else TRUST
+            else:
+                arm = TRUST if trust > check else CHECK
         if not reading and self._rng.random() < self.arm_explore:
             arm = TRUST if arm == CHECK else CHECK
         self._arms[row] = (key, arm)
         return arm
+
+    def _own_pass_pays(self, m: _ModelLevel, pending: int, credit: list) -> bool:
+        """A row with nothing to check: does the model's own next token pay
+        for its pass (its measured acceptance at position 1, less the
+        budget's price, against the pass's time at the engine's throughput),
+        and for the read before it if there is one (``_read_pays``)? A pass
+        that does not pay still runs on ARM_EXPLORE of rows, so the
+        acceptance stays measured; nothing measured yet: it runs."""
+        from .causal_lm import READ_MIN_TOKENS
+
+        tps = self._tokens_per_second()
+        if tps is None or m.pass_seconds is None:
+            return True
+        gain = self._level_stats(m).rate(0) - self._price - m.pass_seconds * tps
+        if pending >= READ_MIN_TOKENS:
+            return self._read_pays(m, credit, gain, pending, tps)
+        return gain > 0 or self._rng.random() < self.arm_explore
+
+    def _read_pays(self, m: _ModelLevel, credit: list, gain: float, pending: int,
+                   tps: float) -> bool:
+        """Buy a read (``pending`` tokens) now? A read is paid once and serves
+        the rest of the request, so it is not charged to the one step that
+        causes it: ``gain`` (in tokens: what this step's model pass would add
+        over going without it) is added to the request's ``credit`` each
+        step the read is not bought, and the read is bought once the credit
+        covers its measured cost (rent-or-buy: never more than twice the
+        cost of the best choice in hindsight). A request the cheap levels
+        draft alone never builds the credit, so it never reads."""
+        from .causal_lm import READ_MIN_TOKENS
+
+        cost = (pending - READ_MIN_TOKENS) * (m.lm.read_seconds_per_token or 0.0) * tps
+        credit[m.index] += max(0.0, gain)
+        if credit[m.index] >= cost:
+            credit[m.index] = 0.0
+            return True
+        return False
 
     def _pass_pays(self, m: _ModelLevel, pos: int, passes: int, rows: int) -> bool:
         fixed = m.config.passes

@@ -122,7 +122,7 @@ class CausalLMDrafter:
         self._next_key = 0
         self.stats = {"forwards": 0, "forward_tokens": 0, "forward_seconds": 0.0,
                       "evictions": 0, "cached_tokens": 0, "kept_tokens": 0,
-                      "reused_prefix_tokens": 0}
+                      "reused_prefix_tokens": 0, "reads": 0, "read_tokens": 0, "read_seconds": 0.0}
         #: Measured seconds per token of a long forward (None until one ran).
         self.read_seconds_per_token: Optional[float] = None
 
@@ -226,6 +226,9 @@ class CausalLMDrafter:
 
     def _timed_read(self, tokens: int, seconds: float) -> None:
         if tokens >= READ_MIN_TOKENS:
+            self.stats["reads"] += 1
+            self.stats["read_tokens"] += tokens
+            self.stats["read_seconds"] += seconds
             per = seconds / tokens
             r = self.read_seconds_per_token
             self.read_seconds_per_token = per if r is None else r + READ_TIME_EMA * (per - r)
@@ -333,8 +336,10 @@ class CausalLMDrafter:
         for i, (st, q, n) in enumerate(zip(states, seqs, n_outs)):
             n = max(1, min(int(n), len(q)))
             start = _run_start(st, q, n)
-            if start == 0:
-                outs[i] = self._predict(st, q, n)  # a full prefill: its own pass
+            if start == 0 or len(q) - start >= READ_MIN_TOKENS:
+                # a prefill or a long catch-up: its own pass, so the other
+                # rows are not padded to its length
+                outs[i] = self._predict(st, q, n)
             else:
                 rows.append((i, start, n))
         if len(rows) == 1:
@@ -400,8 +405,7 @@ class CausalLMDrafter:
         st["forwards"] += 1
         st["batched_forwards"] = st.get("batched_forwards", 0) + 1
         st["forward_tokens"] += ran
-        st["forward_seconds"] += dt
-        self._timed_read(ran, dt)
+        st["forward_seconds"] += dt  # no read here: reads run alone (above)
         return outs
 
     def _new_cache(self, layers):
