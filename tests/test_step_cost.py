@@ -161,3 +161,18 @@ def test_not_exploring_before_enough_steps():
     for _ in range(10):
         m.observe(8, 8, 8, 0.2)
     assert not m.needs_exploration(8)
+
+
+def test_tokens_per_second_follows_the_last_few_steps():
+    """What a second is worth tracks the current traffic: after 300 steps at
+    20 tokens/s, 80 steps (5 half-lives) at 5 tokens/s bring it near 5,
+    while the cost fit keeps its longer memory."""
+    m = StepCostModel()
+    assert m.tokens_per_second() is None
+    for i in range(300):
+        m.observe(tokens=4 + i % 5, rows=1, output_tokens=4, seconds=0.2)  # 20 tok/s
+    assert abs(m.tokens_per_second() - 20.0) < 1e-6
+    for i in range(80):
+        m.observe(tokens=2 + i % 3, rows=1, output_tokens=1, seconds=0.2)  # 5 tok/s
+    assert 5.0 < m.tokens_per_second() < 6.0
+    assert m._out / m._sy > 10.0  # the fit's own averages still remember the first 300

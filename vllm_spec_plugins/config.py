@@ -370,11 +370,12 @@ class DraftModelLevel(BaseModel):
     prompt_read: Literal["when_needed", "at_start"] = Field(
         "when_needed",
         description="When the draft model reads a request's prompt: "
-                    "\"when_needed\" = at the first pass that request needs (a "
-                    "request the cheaper levels draft well, e.g. one that copies, "
-                    "may never pay for it), and a check that would first have to "
-                    "read (or catch up on) many tokens counts that time against it; "
-                    "\"at_start\" = when the request starts (the ablation).")
+                    "\"when_needed\" = once the gain its passes would have added, "
+                    "summed over the request's steps, covers the read's measured "
+                    "time (rent-or-buy; the same for catching up on many tokens), so "
+                    "a request the cheaper levels draft well, e.g. one that copies, "
+                    "never pays for it; \"at_start\" = when the request starts "
+                    "(the ablation).")
     max_cached_tokens: int = Field(
         262144, ge=256, le=1 << 30,
         description="KV cache bound over all requests, in tokens (least "

@@ -59,8 +59,16 @@ class StepCostModel:
 
     def __init__(self, half_life_steps: float = 200.0, min_steps: int = 32,
                  max_price_error: float = 0.05, min_price: float = 0.01,
-                 max_price: float = 0.95, max_step_seconds: float = 30.0) -> None:
+                 max_price: float = 0.95, max_step_seconds: float = 30.0,
+                 throughput_half_life_steps: float = 16.0) -> None:
         self.decay = 0.5 ** (1.0 / float(half_life_steps))
+        # What a second is worth follows the traffic of the last few steps,
+        # not the fit's long memory: after a run of well-drafted requests
+        # (copying code: many tokens a second) a second is worth less once
+        # requests that draft poorly take over, and a drafter weighing its
+        # own time must see that within a few steps.
+        self.throughput_decay = 0.5 ** (1.0 / float(throughput_half_life_steps))
+        self._recent_out = self._recent_s = 0.0
         self.min_steps = int(min_steps)
         self.max_price_error = float(max_price_error)
         self.min_price = float(min_price)
@@ -106,6 +114,9 @@ class StepCostModel:
         self._sdy = self._sdy * k + d * y
         self._syy = self._syy * k + y * y
         self._out = self._out * k + output_tokens
+        kt = self.throughput_decay
+        self._recent_out = self._recent_out * kt + output_tokens
+        self._recent_s = self._recent_s * kt + y
         self.steps += 1
         return True
 
@@ -183,12 +194,13 @@ class StepCostModel:
         return self.steps >= self.min_steps and self.token_price(rows) is None
 
     def tokens_per_second(self) -> Optional[float]:
-        """Output tokens per second of the recent pure decode steps (``E / T``
-        averaged over them, drafting time included): what a second of extra
-        step time is worth, for a drafter deciding whether more work pays."""
-        if self.steps < 1 or self._sy <= 0.0:
+        """Output tokens per second of the last few pure decode steps
+        (``E / T`` over them, half-life ``throughput_half_life_steps``,
+        drafting time included): what a second of extra step time is worth
+        now, for a drafter deciding whether more work pays."""
+        if self.steps < 1 or self._recent_s <= 0.0:
             return None
-        return self._out / self._sy
+        return self._recent_out / self._recent_s
 
     @property
     def stats(self) -> dict[str, object]:
