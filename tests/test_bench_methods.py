@@ -320,3 +320,12 @@ def test_validate_plugin_settings_plugin_config_overrides_a_bad_file_setting():
 def test_validate_plugin_settings_unknown_plugin_method():
     with pytest.raises(PluginConfigError, match="unknown method 'nope'"):
         M.validate_plugin_settings([MethodSpec("nope", "plugin", "nope")], {})
+
+
+def test_all_leaves_out_a_target_specific_method_and_says_so():
+    """A method whose settings name a model made for one target (the
+    registry's ``target_specific``: cascade) is not run by "all"; the note
+    names it and where its config is."""
+    specs, notes = parse("all", registry={"suffix_tree": True, "cascade": True})
+    assert "cascade" not in [s.label for s in specs] and "suffix_tree" in [s.label for s in specs]
+    assert any("'cascade'" in n and "configs/cascade.json" in n for n in notes)

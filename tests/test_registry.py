@@ -34,7 +34,7 @@ def method_config(name):
     import json
     import pathlib
 
-    if name != "cascade":
+    if not METHODS[name].target_specific:
         return METHODS[name].config_cls()
     path = pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{name}.json"
     return resolve(json.loads(path.read_text())["additional_config"]["spec_plugins"])[2]
@@ -69,7 +69,7 @@ def test_configs_dir_matches_registry():
 
 
 def entry_defaults(name: str) -> dict:
-    if name == "cascade":  # levels are required: every level's settings spelled out
+    if METHODS[name].target_specific:  # required settings: every one spelled out
         return method_config(name).model_dump()
     return METHODS[name].config_cls().model_dump()
 

@@ -60,6 +60,13 @@ def registry_methods() -> dict[str, bool]:
     return {name: entry.lossless for name, entry in sorted(METHODS.items())}
 
 
+def target_specific_methods() -> set[str]:
+    """Registry methods whose settings name a model made for one target."""
+    from vllm_spec_plugins.registry import METHODS
+
+    return {name for name, entry in METHODS.items() if entry.target_specific}
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """The plugin settings of a ready-to-paste config file (its
     ``additional_config.spec_plugins`` object, ``method`` included)."""
@@ -121,11 +128,11 @@ def parse_methods(text: str, *, registry: Optional[dict[str, bool]] = None,
             else:
                 notes.append("note: 'all' leaves out 'draft_model' (pass --draft-model to add it)")
             for name, lossless in registry.items():
-                if name == "cascade":
-                    # Its draft model is made for one target: name its config.
-                    notes.append("note: 'all' leaves out 'cascade' (its draft model must share "
-                                 "the target's tokenizer: list configs/cascade.json for the "
-                                 "default model or configs/cascade_qwen2.5-coder.json)")
+                if name in target_specific_methods():
+                    # Its settings name a model made for one target: name its config.
+                    notes.append(f"note: 'all' leaves out {name!r} (its settings name a model "
+                                 "made for one target: list its config file, e.g. "
+                                 f"configs/{name}.json for the default model)")
                     continue
                 specs.append(_registry_spec(name, lossless, configs_dir))
         elif item in ("none", "ngram"):
