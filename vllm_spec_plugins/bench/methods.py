@@ -127,8 +127,9 @@ def parse_methods(text: str, *, registry: Optional[dict[str, bool]] = None,
                 specs.append(MethodSpec("draft_model", "draft_model"))
             else:
                 notes.append("note: 'all' leaves out 'draft_model' (pass --draft-model to add it)")
+            target_specific = target_specific_methods()
             for name, lossless in registry.items():
-                if name in target_specific_methods():
+                if name in target_specific:
                     # Its settings name a model made for one target: name its config.
                     notes.append(f"note: 'all' leaves out {name!r} (its settings name a model "
                                  "made for one target: list its config file, e.g. "

@@ -208,6 +208,7 @@ class CascadeProposer(Proposer):
                                  f"({m.lm.vocab_size} vs {self.vocab_size})")
         self._step_cost = None
         self.source_stats: dict[str, LevelStats] = {}
+        self._level_totals: dict[int, LevelStats] = {}  # per model level; reset when scored
         self.arm_stats: dict[tuple[str, int], ArmStats] = {}
         self._rng = np.random.default_rng(0)
         self._price = 0.0
@@ -286,6 +287,7 @@ class CascadeProposer(Proposer):
         state.last[0] = state.last[1] = state.last[2] = None
         if not tokens:
             return
+        self._level_totals.clear()
         n = min(len(tokens), len(new))
         accepted = 0
         for i in range(n):
@@ -530,12 +532,15 @@ class CascadeProposer(Proposer):
 
     def _level_stats(self, m: _ModelLevel) -> LevelStats:
         """Acceptance per position of every token model level ``m`` produced
-        (its own and the ones it agreed with)."""
-        total = LevelStats()
-        for src, st in self.source_stats.items():
-            if src == m.name or src.endswith(">" + m.name):
-                total.drafted += st.drafted
-                total.accepted += st.accepted
+        (its own and the ones it agreed with). Kept until the next scoring:
+        every row and pass of a step asks, and scores change only between steps."""
+        total = self._level_totals.get(m.index)
+        if total is None:
+            total = self._level_totals[m.index] = LevelStats()
+            for src, st in self.source_stats.items():
+                if src == m.name or src.endswith(">" + m.name):
+                    total.drafted += st.drafted
+                    total.accepted += st.accepted
         return total
 
     def _tokens_per_second(self) -> Optional[float]:
