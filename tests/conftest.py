@@ -24,3 +24,38 @@ def baseline_outputs():
     del llm
     gc.collect()
     return prompts, result
+
+
+@pytest.fixture(scope="session")
+def untrained_drafter_cache(tmp_path_factory):
+    """A drafters folder holding ``smollm2-135m``: a diffusion drafter made
+    straight from the default model's weights (no training; seconds), for
+    tests about building, shapes and state rather than acceptance."""
+    from engine_utils import model_path
+    from vllm_spec_plugins.drafter_training import default_layers
+    from vllm_spec_plugins.proposers.block_drafter import hf_config, untrained_drafter
+
+    root = tmp_path_factory.mktemp("drafters")
+    target = model_path()
+    n = int(hf_config(target)["num_hidden_layers"])
+    untrained_drafter(target, "smollm2-135m", default_layers(n), 10, list(range(8192)),
+                      str(root / "smollm2-135m"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def smoke_drafter(tmp_path_factory):
+    """A drafter for the default model produced by the project's own
+    ``train-drafter`` command, smoke-sized (a small corpus the model writes,
+    a few dozen steps: about two minutes). Returns its directory."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("smoke_drafter") / "smollm2-135m"
+    cmd = [sys.executable, "-m", "vllm_spec_plugins.cli", "train-drafter",
+           "--target", "smollm2-135m", "--out", str(out), "--prompts", "80",
+           "--max-tokens", "64", "--max-steps", "80", "--minutes", "20", "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "held-out mean acceptance length" in r.stdout
+    return out

@@ -16,7 +16,7 @@ def test_default_settings_resolve():
     ({"method": "suffix_tree", "bogus": 1}, "spec_plugins.bogus: unknown setting"),
     ({"method": "suffix_tree", "min_token_prob": 2.0}, "spec_plugins.min_token_prob"),
     ({"method": "suffix_tree", "max_tree_depth": 1}, "spec_plugins.max_tree_depth"),
-    ({"method": "nope"}, "known methods: cascade, suffix_recycling, suffix_tree, token_recycling"),
+    ({"method": "nope"}, "known methods: cascade, diffusion, suffix_recycling, suffix_tree, token_recycling"),
     ({}, "spec_plugins.method is required"),
     ({"method": 3}, "must be a string"),
     ({"method": "os:path"}, "is not a vllm_spec_plugins.proposers.base.Proposer subclass"),
@@ -26,6 +26,13 @@ def test_bad_settings_name_the_field(settings, needle):
     with pytest.raises(PluginConfigError) as err:
         resolve(settings)
     assert needle in str(err.value)
+
+
+@pytest.fixture(autouse=True)
+def _drafters(untrained_drafter_cache, monkeypatch):
+    """configs/diffusion.json names the default model's drafter by name: the
+    session's untrained one stands in for a trained one here."""
+    monkeypatch.setenv("VSP_DRAFTER_CACHE", str(untrained_drafter_cache))
 
 
 def method_config(name):

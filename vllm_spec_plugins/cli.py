@@ -1,4 +1,4 @@
-"""``vllm-spec-plugins`` command line: models, demo, bench, soak, cpu-env, deploy.
+"""``vllm-spec-plugins`` command line: models, demo, bench, soak, train-drafter, cpu-env, deploy.
 
 Errors a user can fix (unknown model, bad settings, missing package) exit
 non-zero with one clear line, never a traceback.
@@ -54,6 +54,15 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def _cmd_train_drafter(args: argparse.Namespace) -> int:
+    from vllm_spec_plugins.cpu_runtime import reexec_with_preload
+
+    reexec_with_preload()  # the corpus is written by a vLLM engine (see _cmd_demo)
+    from vllm_spec_plugins.drafter_training import run_from_args
+
+    return run_from_args(args)
+
+
 def _cmd_cpu_env(args: argparse.Namespace) -> int:
     from vllm_spec_plugins.cpu_runtime import shell_export
 
@@ -102,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "cpu-env)\" before `python -m vllm.entrypoints.openai.api_server`. "
                                    "Only VSP_CPU_PRELOAD=0 turns it off.")
     c.set_defaults(func=_cmd_cpu_env)
+
+    t = sub.add_parser("train-drafter",
+                       help="train a diffusion (masked-block) drafter for a target on this machine")
+    from vllm_spec_plugins.drafter_training import add_arguments as add_train_arguments
+
+    add_train_arguments(t)
+    t.set_defaults(func=_cmd_train_drafter)
 
     dep = sub.add_parser("deploy", help="Ray Serve LLM configs and KubeRay manifests")
     from vllm_spec_plugins.deploy import add_arguments as add_deploy_arguments

@@ -313,6 +313,19 @@ def check_draft_model_path(name_or_path: str) -> str:
                                                    " (HF_HUB_OFFLINE is set: no hub ids)"))
 
 
+def resolve_drafter_path(name_or_path: str) -> str:
+    """A trained drafter's directory: ``name_or_path`` itself if it holds a
+    drafter.json, else that name under the drafters folder (where
+    ``train-drafter`` saves by default). Not checked here: see
+    block_drafter.read_spec for the error a missing one gives."""
+    from vllm_spec_plugins import models
+
+    p = os.path.expanduser(name_or_path)
+    if os.path.isfile(os.path.join(p, "drafter.json")) or os.sep in name_or_path:
+        return p
+    return str(models.drafters_root() / name_or_path)
+
+
 class DraftModelLevel(BaseModel):
     """A draft-model level of a cascade: a small causal LM sharing the
     target's tokenizer, run in the worker with its own per-request KV cache."""
@@ -444,3 +457,64 @@ class CascadeConfig(BaseModel):
             raise ValueError("a cascade needs at least one draft_model level (with model-free "
                              "levels only, use their method directly, e.g. suffix_recycling)")
         return levels
+
+
+# ---------------------------------------------------------------- diffusion
+class DiffusionConfig(BaseModel):
+    """Settings of :class:`DiffusionProposer`: a masked-block drafter made
+    for the target by ``vllm-spec-plugins train-drafter``, one pass per step
+    drafting a whole block, read by causal-consistency path search."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    drafter: str = Field(
+        ..., min_length=1,
+        description="A drafter written by `vllm-spec-plugins train-drafter` "
+                    "(drafter.json + drafter.safetensors): its directory, or its name "
+                    "under ~/.cache/vllm-spec-plugins/drafters (where train-drafter "
+                    "saves: the target's name). Made for this target: a drafter of "
+                    "another target fails at startup.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Compute dtype of the drafter: auto = bfloat16 where "
+                            "the CPU computes it natively (AVX512-BF16, AMX; about "
+                            "twice as fast as float32 here), else float32. The "
+                            "target verifies every token: lossless either way.")
+    path_search: bool = Field(
+        True,
+        description="Causal-consistency path search: a small beam over each "
+                    "position's likeliest candidates, scored with the drafter's "
+                    "log-probabilities plus an n-gram model of the request's own "
+                    "context. false = each position's most likely token.")
+    path_mass: float = Field(
+        0.8, gt=0.0, le=1.0, allow_inf_nan=False,
+        description="Per position, candidates are the likeliest ones until "
+                    "their probabilities sum to this.")
+    path_max_candidates: int = Field(8, ge=1, le=64, description="At most this many per position.")
+    path_beam: int = Field(3, ge=1, le=32, description="Beam width of the path search.")
+    path_weight: float = Field(
+        0.5, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="Weight of the drafter's log-probability in a path's score "
+                    "(the n-gram model gets the rest).")
+    adaptive_length: bool = Field(
+        True,
+        description="Adaptive draft length per request: the next draft's "
+                    "length follows moving averages of drafted and accepted "
+                    "tokens. false = the whole block (the draft budget still "
+                    "cuts what does not pay).")
+    min_length: int = Field(2, ge=1, le=64,
+                            description="Shortest draft the adaptive length picks.")
+    skip_unpaid_passes: bool = Field(
+        True,
+        description="Skip the drafter's pass in a step where the tokens it is "
+                    "measured to add do not pay for its measured time at the "
+                    "engine's measured throughput (a share of steps still runs "
+                    "it, so the measure stays current).")
+    max_context: int = Field(
+        1024, ge=64, le=1 << 20,
+        description="The drafter reads at most a request's last this many "
+                    "tokens (a window that slides forward once it has grown to "
+                    "twice this).")
+    max_cached_tokens: int = Field(
+        262144, ge=256, le=1 << 30,
+        description="Context-cache bound over all requests, in tokens (least "
+                    "recently used requests give theirs up and re-read).")

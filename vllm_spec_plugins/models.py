@@ -83,6 +83,12 @@ def cache_root() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "vllm-spec-plugins" / "models"
 
 
+def drafters_root() -> Path:
+    """Where ``train-drafter`` saves drafters by default (``VSP_DRAFTER_CACHE`` overrides)."""
+    root = os.environ.get("VSP_DRAFTER_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "vllm-spec-plugins" / "drafters"
+
+
 def model_dir(name: str) -> Path:
     return cache_root() / name / "hf"
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from vllm_spec_plugins.config import (
     CascadeConfig,
+    DiffusionConfig,
     SuffixRecyclingConfig,
     SuffixTreeConfig,
     TokenRecyclingConfig,
@@ -61,6 +62,12 @@ METHODS: dict[str, MethodEntry] = {
     "cascade": MethodEntry(
         "vllm_spec_plugins.proposers.cascade:CascadeProposer", CascadeConfig, lossless=True,
         summary="cascade: a draft model checking cheaper drafters' proposals in one pass",
+        target_specific=True),
+    "diffusion": MethodEntry(
+        "vllm_spec_plugins.proposers.diffusion:DiffusionProposer", DiffusionConfig,
+        lossless=True,
+        summary="diffusion drafter: a masked-block drafter trained for the target "
+                "(train-drafter), one pass per block, path search",
         target_specific=True),
 }
 

@@ -36,7 +36,7 @@ from .draft_budget import DraftBudget
 from .lifecycle import RequestTable
 from .replica_sharing import ReplicaSharing, current_ranks, owns_replica_state
 from .server_metrics import MetricsFileWriter
-from .state_files import StateSaver, check_draft_models, check_state_paths
+from .state_files import StateSaver, check_draft_models, check_made_for, check_state_paths
 from .step_timing import StepTimer
 from .target_signals import TargetTopK
 from .versions import require_supported_vllm
@@ -119,6 +119,17 @@ class PluginDrafter:
                 f"vllm-spec-plugins: additional_config.{CONFIG_KEY}: method {self.method!r} "
                 f"drafts with a model of vocabulary size {mine}, the target's is {target}; "
                 "use a draft model with the target's tokenizer")
+        self._check_made_for(model_config)
+
+    def _check_made_for(self, model_config: Any) -> None:
+        """A drafter trained for one target (``made_for_target``) must serve
+        that target (see state_files.check_made_for)."""
+        made = getattr(self.proposer, "made_for_target", None)
+        if made:
+            try:
+                check_made_for(made, model_config, self.method)
+            except PluginConfigError as e:
+                raise ValueError(f"vllm-spec-plugins: {e}") from None
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         """No draft model; compile the proposer's kernels before serving."""

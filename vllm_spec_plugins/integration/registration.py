@@ -63,7 +63,7 @@ def validate_engine_config(vllm_config: Any) -> None:
         return
     from vllm_spec_plugins.registry import resolve
 
-    from .state_files import check_draft_models, check_state_paths
+    from .state_files import check_draft_models, check_made_for, check_state_paths, made_for_target
 
     extra = getattr(vllm_config, "additional_config", None) or {}
     try:
@@ -71,6 +71,8 @@ def validate_engine_config(vllm_config: Any) -> None:
         _, _, config = resolve(extra.get(CONFIG_KEY))
         check_state_paths(config)
         check_draft_models(config)
+        check_made_for(made_for_target(config), getattr(vllm_config, "model_config", None),
+                       extra[CONFIG_KEY]["method"])
         sharing_config(extra)
     except PluginConfigError as e:
         raise ValueError(f"vllm-spec-plugins: {e}") from None

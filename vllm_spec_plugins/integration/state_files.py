@@ -17,7 +17,7 @@ import atexit
 import logging
 import os
 import traceback
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from pydantic import BaseModel
 
@@ -53,9 +53,14 @@ def state_paths(config: BaseModel, prefix: str = "") -> Iterator[tuple[str, str]
 
 def check_draft_models(config: BaseModel, prefix: str = "") -> None:
     """Raise PluginConfigError naming the setting if a draft model (a cascade
-    level's ``model``) is not on this machine. Checked where the engine runs
+    level's ``model``, a diffusion ``drafter``) is not on this machine. Checked where the engine runs
     (startup, drafter), not where a Ray recipe is written."""
-    from vllm_spec_plugins.config import DraftModelLevel, check_draft_model_path
+    from vllm_spec_plugins.config import (
+        DiffusionConfig,
+        DraftModelLevel,
+        check_draft_model_path,
+        resolve_drafter_path,
+    )
 
     def walk(cfg: BaseModel, pre: str) -> None:
         if isinstance(cfg, DraftModelLevel):
@@ -63,6 +68,13 @@ def check_draft_models(config: BaseModel, prefix: str = "") -> None:
                 check_draft_model_path(cfg.model)
             except ValueError as e:
                 raise PluginConfigError(f"additional_config.{CONFIG_KEY}.{pre}model: {e}") from None
+        if isinstance(cfg, DiffusionConfig):
+            from vllm_spec_plugins.proposers.block_drafter import read_spec
+
+            try:
+                read_spec(resolve_drafter_path(cfg.drafter))
+            except ValueError as e:
+                raise PluginConfigError(f"additional_config.{CONFIG_KEY}.{pre}drafter: {e}") from None
         for name, value in cfg:
             if isinstance(value, BaseModel):
                 walk(value, f"{pre}{name}.")
@@ -72,6 +84,41 @@ def check_draft_models(config: BaseModel, prefix: str = "") -> None:
                         walk(v, f"{pre}{name}.{i}.")
 
     walk(config, prefix)
+
+
+def made_for_target(config: BaseModel) -> Optional[dict]:
+    """What a learnt drafter named by ``config`` was made for (its record's
+    target fields), or None for a method without one."""
+    from vllm_spec_plugins.config import DiffusionConfig, resolve_drafter_path
+
+    if not isinstance(config, DiffusionConfig):
+        return None
+    from vllm_spec_plugins.proposers.block_drafter import read_spec
+
+    t = read_spec(resolve_drafter_path(config.drafter)).target
+    return {"name": t.name, "architecture": t.architecture, "hidden_size": t.hidden_size,
+            "vocab_size": t.vocab_size, "num_hidden_layers": t.num_layers}
+
+
+def check_made_for(made: dict, model_config: Any, method: str) -> None:
+    """PluginConfigError naming both sides if the serving target's config
+    differs from what the drafter was made for (architecture, hidden size,
+    vocabulary, layers)."""
+    hf = getattr(model_config, "hf_config", None)
+    if not made or hf is None:
+        return
+    target = {"architecture": (getattr(hf, "architectures", None) or ["?"])[0],
+              "hidden_size": getattr(hf, "hidden_size", None),
+              "vocab_size": getattr(hf, "vocab_size", None),
+              "num_hidden_layers": getattr(hf, "num_hidden_layers", None)}
+    diff = [f"{k}: drafter {made[k]!r}, target {v!r}" for k, v in target.items()
+            if k in made and v is not None and made[k] != v]
+    if diff:
+        raise PluginConfigError(
+            f"additional_config.{CONFIG_KEY}.drafter: method {method!r} uses a drafter made "
+            f"for {made.get('name')!r}, but the target {getattr(model_config, 'model', '?')!r} "
+            f"differs ({'; '.join(diff)}); train one for this target: "
+            "vllm-spec-plugins train-drafter --target MODEL")
 
 
 def check_state_paths(config: BaseModel, prefix: str = "") -> None:
