@@ -89,6 +89,7 @@ class DiffusionProposer(Proposer):
         self._step_cost = None
         self._price = 0.0
         self._rng = np.random.default_rng(0)
+        self.explore = EXPLORE
         self.pass_seconds: Optional[float] = None  # per pass, smoothed
         self.pass_gain: Optional[float] = None     # accepted less priced tokens per row-pass
         self.drafted = np.zeros(TRACKED_POSITIONS, np.int64)
@@ -143,7 +144,7 @@ class DiffusionProposer(Proposer):
         if not tps:
             return True
         return (self.pass_gain > self.pass_seconds * tps
-                or self._rng.random() < EXPLORE)
+                or self._rng.random() < self.explore)
 
     def propose_scored_batch(self, batch: Sequence[tuple[DiffusionState, np.ndarray, int]],
                              price: Optional[float] = None) -> list[ScoredDraft]:
