@@ -168,3 +168,38 @@ def check_sampled_digits_follow_the_model(llm, n: int = 200) -> None:
     eps = math.sqrt((k_cats * math.log(2) + math.log(1 / delta_)) / (2 * m))
     report = {tok.decode([t]): (c, round(p * m, 1)) for t, c, p in zip(cats, counts, p_true)}
     assert tv < eps, f"TV {tv:.3f} >= {eps:.3f}; (sampled, expected) per digit: {report}"
+
+
+def abort_one_of_two(llm, started, max_tokens: int = 120, max_steps: int = 40):
+    """Start two greedy requests, step until ``started(drafter snapshot)`` holds
+    (at most ``max_steps`` steps: whether a proposer drafts in a given step
+    may be its own priced choice), abort "abort-me", run "keep-me" to the
+    end and return its output. Always leaves the engine with no request, so
+    a failure cannot spill into the next test (``llm.generate`` sorts
+    request ids as integers)."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    engine.add_request("abort-me", "Tell me a long story about a dragon.", params)
+    engine.add_request("keep-me", "List the numbers from 1 to 30.", params)
+    try:
+        ok = False
+        for _ in range(max_steps):
+            engine.step()
+            ok = bool(started(drafter_state(llm)))
+            if ok:
+                break
+        assert ok, f"the proposer never started on these two requests in {max_steps} steps"
+        engine.abort_request(["abort-me"])
+        finished = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+    finally:
+        engine.abort_request(["abort-me", "keep-me"])
+        while engine.has_unfinished_requests():
+            engine.step()
+    engine.step()  # let the runner see the last finished ids
+    return finished["keep-me"]

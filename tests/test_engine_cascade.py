@@ -17,10 +17,10 @@ from vllm import SamplingParams  # noqa: E402
 
 from engine_utils import (  # noqa: E402
     MAX_TOKENS,
+    abort_one_of_two,
     check_sampled_digits_follow_the_model,
     cpu_expand_kernel_broken,
     delta,
-    drafter_state,
     make_llm,
     settled_drafter_state,
     spec_counters,
@@ -120,35 +120,11 @@ def test_every_level_drafts_and_is_scored(llm, baseline_outputs):
 
 
 def test_abort_mid_generation_releases_the_draft_model_cache(llm):
-    engine = llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=120)
-    engine.add_request("abort-me", "Tell me a long story about a dragon.", params)
-    engine.add_request("keep-me", "List the numbers from 1 to 30.", params)
-    try:
-        # Whether the model reads in a given step is the cascade's choice
-        # (rent-or-buy, priced from measured step times): step until it has
-        # cached something, with a bound far above the few steps it needs.
-        cached = 0
-        for _ in range(40):
-            engine.step()
-            cached = drafter_state(llm)["proposer_stats"]["levels"]["draft_model"]["cached_tokens"]
-            if cached > 0:
-                break
-        assert cached > 0, "the draft model never ran for these two requests"
-        engine.abort_request(["abort-me"])
-        finished = {}
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    finished[out.request_id] = out
-    finally:
-        # A failure above must not leave requests behind for the next test of
-        # this module (llm.generate sorts request ids as integers).
-        engine.abort_request(["abort-me", "keep-me"])
-        while engine.has_unfinished_requests():
-            engine.step()
-    assert len(finished["keep-me"].outputs[0].token_ids) > 0
-    engine.step()
+    # Whether the model reads in a given step is the cascade's choice
+    # (rent-or-buy, priced from measured step times): step until it has cached something.
+    kept = abort_one_of_two(
+        llm, lambda snap: snap["proposer_stats"]["levels"]["draft_model"]["cached_tokens"] > 0)
+    assert len(kept.outputs[0].token_ids) > 0
     state = settled_drafter_state(llm)
     assert state["tracked_requests"] == 0
     assert state["proposer_stats"]["levels"]["draft_model"]["cached_tokens"] == 0

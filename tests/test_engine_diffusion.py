@@ -19,6 +19,7 @@ from vllm import SamplingParams  # noqa: E402
 
 from engine_utils import (  # noqa: E402
     MAX_TOKENS,
+    abort_one_of_two,
     check_sampled_digits_follow_the_model,
     cpu_expand_kernel_broken,
     delta,
@@ -114,26 +115,9 @@ def test_a_failing_pass_costs_drafts_not_requests(llm, baseline_outputs):
 
 
 def test_abort_mid_generation_releases_the_cache(llm):
-    engine = llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=100)
-    engine.add_request("abort-me", "Tell me a long story about a dragon.", params)
-    engine.add_request("keep-me", "List the numbers from 1 to 30.", params)
-    try:
-        for _ in range(4):
-            engine.step()
-        assert drafter_state(llm)["proposer_stats"]["cached_tokens"] > 0
-        engine.abort_request(["abort-me"])
-        finished = {}
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    finished[out.request_id] = out
-    finally:
-        engine.abort_request(["abort-me", "keep-me"])
-        while engine.has_unfinished_requests():
-            engine.step()
-    assert len(finished["keep-me"].outputs[0].token_ids) > 0
-    engine.step()
+    kept = abort_one_of_two(llm, lambda snap: snap["proposer_stats"]["cached_tokens"] > 0,
+                            max_tokens=100)
+    assert len(kept.outputs[0].token_ids) > 0
     state = settled_drafter_state(llm)
     assert state["tracked_requests"] == 0
     assert state["proposer_stats"]["cached_tokens"] == 0

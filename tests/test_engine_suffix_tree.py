@@ -9,10 +9,10 @@ from vllm import SamplingParams  # noqa: E402
 
 from engine_utils import (  # noqa: E402
     MAX_TOKENS,
+    abort_one_of_two,
     check_sampled_digits_follow_the_model,
     cpu_expand_kernel_broken,
     delta,
-    drafter_state,
     plugin_llm,
     settled_drafter_state,
     spec_counters,
@@ -96,21 +96,8 @@ def test_no_state_left_after_requests_finish(llm):
 
 
 def test_abort_mid_generation_frees_state(llm):
-    engine = llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=200)
-    engine.add_request("abort-me", "Tell me a long story about a dragon.", params)
-    engine.add_request("keep-me", "List the numbers from 1 to 30.", params)
-    for _ in range(6):
-        engine.step()
-    assert drafter_state(llm)["tracked_requests"] >= 1
-    engine.abort_request(["abort-me"])
-    finished = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                finished[out.request_id] = out
-    assert "keep-me" in finished and len(finished["keep-me"].outputs[0].token_ids) > 0
-    engine.step()  # let the runner see the last finished ids
+    kept = abort_one_of_two(llm, lambda snap: snap["tracked_requests"] >= 1, max_tokens=200)
+    assert len(kept.outputs[0].token_ids) > 0
     state = settled_drafter_state(llm)
     assert state["tracked_requests"] == 0
 

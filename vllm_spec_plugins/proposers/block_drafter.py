@@ -37,6 +37,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .causal_lm import common_prefix
+
 #: File names of a drafter directory.
 SPEC_FILE = "drafter.json"
 WEIGHTS_FILE = "drafter.safetensors"
@@ -429,14 +431,6 @@ class BlockState:
         self.tokens = self.tokens[:0]
 
 
-def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    d = np.flatnonzero(a[:n] != b[:n])
-    return int(d[0]) if len(d) else n
-
-
 class BlockDrafterRuntime:
     """Runs a loaded drafter over requests: per-request context caches under
     one token bound (LRU eviction: an evicted request re-reads its window),
@@ -504,7 +498,7 @@ class BlockDrafterRuntime:
             st.offset = max(0, n - W)
             st.drop()
         seq = ctx[st.offset:n - 1]
-        keep = _common_prefix(st.tokens, seq) if st.kv is not None else 0
+        keep = common_prefix(st.tokens, seq) if st.kv is not None else 0
         if keep < len(st.tokens):
             st.tokens = st.tokens[:keep]  # the buffer past it is overwritten later
         return keep, seq[keep:]

@@ -28,11 +28,13 @@ class ContextNgram:
     """Counts of a request's own tokens: trigram, bigram and unigram, for a
     cheap left-to-right score. Grows with the request; dropped with it."""
 
-    __slots__ = ("tri", "bi", "uni", "total", "last2", "vocab")
+    __slots__ = ("tri", "bi", "uni", "total", "last2", "vocab", "tri_n", "bi_n")
 
     def __init__(self, vocab: int) -> None:
         self.tri: dict = {}
         self.bi: dict = {}
+        self.tri_n: dict = {}  # history -> its count (the sum of its row)
+        self.bi_n: dict = {}
         self.uni: dict = {}
         self.total = 0
         self.last2: tuple = ()
@@ -45,11 +47,15 @@ class ContextNgram:
             self.uni[t] = self.uni.get(t, 0) + 1
             self.total += 1
             if prev:
-                d = self.bi.setdefault(prev[-1], {})
+                h = prev[-1]
+                d = self.bi.setdefault(h, {})
                 d[t] = d.get(t, 0) + 1
+                self.bi_n[h] = self.bi_n.get(h, 0) + 1
             if len(prev) >= 2:
-                d = self.tri.setdefault((prev[-2], prev[-1]), {})
+                h = (prev[-2], prev[-1])
+                d = self.tri.setdefault(h, {})
                 d[t] = d.get(t, 0) + 1
+                self.tri_n[h] = self.tri_n.get(h, 0) + 1
             prev = (prev + [t])[-2:]
         self.last2 = tuple(prev)
 
@@ -60,12 +66,12 @@ class ContextNgram:
         if a is not None and b is not None:
             d = self.tri.get((a, b))
             if d:
-                parts.append(d.get(t, 0) / sum(d.values()))
+                parts.append(d.get(t, 0) / self.tri_n[(a, b)])
                 weights.append(0.6)
         if b is not None:
             d = self.bi.get(b)
             if d:
-                parts.append(d.get(t, 0) / sum(d.values()))
+                parts.append(d.get(t, 0) / self.bi_n[b])
                 weights.append(0.3)
         parts.append((self.uni.get(t, 0) + 1) / (self.total + self.vocab))
         weights.append(0.1)
