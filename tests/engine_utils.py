@@ -186,6 +186,8 @@ def abort_one_of_two(llm, started, max_tokens: int = 120, max_steps: int = 40):
     try:
         ok = False
         for _ in range(max_steps):
+            if not engine.has_unfinished_requests():
+                break  # (a step of an idle engine waits for output forever)
             engine.step()
             ok = bool(started(drafter_state(llm)))
             if ok:

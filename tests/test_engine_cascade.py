@@ -119,11 +119,23 @@ def test_every_level_drafts_and_is_scored(llm, baseline_outputs):
     assert model["cached_tokens"] == 0
 
 
+def _set_prompt_read(worker, value: str) -> str:
+    """For collective_rpc: the draft-model level's ``prompt_read``; returns the old one."""
+    level = worker.model_runner.drafter.proposer.models[0]
+    old, level.config.prompt_read = level.config.prompt_read, value
+    return old
+
+
 def test_abort_mid_generation_releases_the_draft_model_cache(llm):
-    # Whether the model reads in a given step is the cascade's choice
-    # (rent-or-buy, priced from measured step times): step until it has cached something.
-    kept = abort_one_of_two(
-        llm, lambda snap: snap["proposer_stats"]["levels"]["draft_model"]["cached_tokens"] > 0)
+    # Whether the model reads when needed is the cascade's priced choice (rent-or-buy,
+    # from measured step times; CI once saw no read at all): here every prompt is
+    # read at the request's start, so the aborted request surely holds a cache.
+    (old,) = llm.collective_rpc(_set_prompt_read, args=("at_start",))
+    try:
+        kept = abort_one_of_two(
+            llm, lambda snap: snap["proposer_stats"]["levels"]["draft_model"]["cached_tokens"] > 0)
+    finally:
+        llm.collective_rpc(_set_prompt_read, args=(old,))
     assert len(kept.outputs[0].token_ids) > 0
     state = settled_drafter_state(llm)
     assert state["tracked_requests"] == 0
