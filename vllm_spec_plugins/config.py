@@ -476,8 +476,8 @@ class DiffusionConfig(BaseModel):
                     "another target fails at startup.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Compute dtype of the drafter: auto = bfloat16 where "
-                            "the CPU computes it natively (AVX512-BF16, AMX; about "
-                            "twice as fast as float32 here), else float32. The "
+                            "the CPU computes it natively (AVX512-BF16, AMX; faster "
+                            "than float32 in a rough timing here), else float32. The "
                             "target verifies every token: lossless either way.")
     path_search: bool = Field(
         True,

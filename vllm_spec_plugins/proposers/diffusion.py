@@ -190,8 +190,8 @@ class DiffusionProposer(Proposer):
                     ids[r], probs[r], n, st.ngram, mass=c.path_mass,
                     max_candidates=c.path_max_candidates, beam=c.path_beam,
                     weight=c.path_weight, eos=self.eos)
-                greedy, _ = argmax_path(ids[r], probs[r], len(toks), self.eos)
-                changed = sum(1 for a, b in zip(toks, greedy) if a != b)
+                # the argmax path is column 0: count where the search left it
+                changed = int(np.count_nonzero(ids[r, :len(toks), 0] != np.asarray(toks)))
                 self.counts["path_changed_tokens"] += changed
             else:
                 toks, qs = argmax_path(ids[r], probs[r], n, self.eos)
