@@ -518,3 +518,50 @@ class DiffusionConfig(BaseModel):
         262144, ge=256, le=1 << 30,
         description="Context-cache bound over all requests, in tokens (least "
                     "recently used requests give theirs up and re-read).")
+
+
+class ScorerConfig(BaseModel):
+    """``additional_config.spec_plugins_scorer``: how draft tokens are accepted.
+
+    ``standard`` (the default) is vLLM's lossless verification. ``judge`` and
+    ``reflective`` are LOSSY: a request they apply to may get output that
+    differs from the target's own (see the README's "Lossy scorers"). They
+    work with any proposer of this package; ``judge`` also with vLLM's
+    built-in ones (ngram, suffix, draft_model)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["standard", "judge", "reflective"] = Field(
+        "standard", description="standard (lossless) | judge | reflective (both lossy)")
+    requests: Literal["opt_out", "opt_in"] = Field(
+        "opt_out",
+        description="opt_out: every request is scored lossily unless it sends "
+                    "extra_args / vllm_xargs {\"spec_lossy\": false}; opt_in: only "
+                    "requests sending {\"spec_lossy\": true} are.")
+    head: Optional[str] = Field(
+        None, description="judge: a head directory (judge.json) or a name under the "
+                          "judges folder (train-judge's default: the target's name)")
+    threshold: Optional[float] = Field(
+        None, gt=0.0, lt=1.0,
+        description="judge: accept when the head's probability reaches this "
+                    "(default: the threshold train-judge chose)")
+    probe: str = Field(
+        "\nCorrected:\n", min_length=1,
+        description="reflective: the text put between the draft and its copy")
+    fusion_weight: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="reflective: weight of the reflective distribution in the fused one")
+    min_target_prob: float = Field(
+        0.05, gt=0.0, le=1.0,
+        description="reflective: never accept a token the target gives less than this")
+
+    @field_validator("head")
+    @classmethod
+    def _head_named(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if v is not None and not v.strip():
+            raise ValueError("empty: name a head directory or leave it out")
+        return v
+
+    @property
+    def lossless(self) -> bool:
+        return self.name == "standard"

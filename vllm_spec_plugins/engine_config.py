@@ -18,6 +18,10 @@ from typing import Any, Optional
 CONFIG_KEY = "spec_plugins"
 #: additional_config key of cross-replica sharing (sharing.py).
 SHARING_KEY = "spec_plugins_sharing"
+#: additional_config key of the acceptance rule (scorers; default standard, lossless).
+SCORER_KEY = "spec_plugins_scorer"
+#: SamplingParams.extra_args / vllm_xargs key: a request's own choice of lossy scoring.
+REQUEST_LOSSY_ARG = "spec_lossy"
 #: The class vLLM's custom-class path instantiates in every worker.
 DRAFTER_CLASS_PATH = "vllm_spec_plugins.integration.PluginDrafter"
 #: Longest draft vLLM 0.32 can verify (MAX_SPEC_LEN in v1/sample/rejection_sampler.py):
@@ -100,6 +104,29 @@ def sharing_config(additional_config: Optional[dict]) -> Any:
 
     return _settings_object(SharingConfig, raw, f"additional_config.{SHARING_KEY}",
                             '{"hub": "my-hub"}')
+
+
+def scorer_config(additional_config: Optional[dict]) -> Any:
+    """The validated ``additional_config.spec_plugins_scorer`` (None if absent)."""
+    raw = (additional_config or {}).get(SCORER_KEY)
+    if raw is None:
+        return None
+    from vllm_spec_plugins.config import ScorerConfig
+
+    return _settings_object(ScorerConfig, raw, f"additional_config.{SCORER_KEY}",
+                            '{"name": "judge", "head": "qwen2.5-coder-1.5b"}')
+
+
+def request_lossy(extra_args: Optional[dict], requests_mode: str) -> bool:
+    """Does a request get the lossy scorer? Its ``extra_args["spec_lossy"]``
+    (true/false) decides where given; else the deployment's mode does
+    (opt_out: yes, opt_in: no)."""
+    v = (extra_args or {}).get(REQUEST_LOSSY_ARG) if isinstance(extra_args, dict) else None
+    if isinstance(v, str):
+        v = v.strip().lower() in ("1", "true", "yes", "on", "lossy")
+    if v is None:
+        return requests_mode == "opt_out"
+    return bool(v)
 
 
 def engine_kwargs(method: str, num_speculative_tokens: int = 8,

@@ -89,6 +89,12 @@ def drafters_root() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "vllm-spec-plugins" / "drafters"
 
 
+def judges_root() -> Path:
+    """Where ``train-judge`` saves judge heads by default (``VSP_JUDGE_CACHE`` overrides)."""
+    root = os.environ.get("VSP_JUDGE_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "vllm-spec-plugins" / "judges"
+
+
 def model_dir(name: str) -> Path:
     return cache_root() / name / "hf"
 

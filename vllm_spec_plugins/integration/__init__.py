@@ -15,6 +15,8 @@ Read in this order:
 * ``background``: the background thread and the proposer lock (the step never
   waits on a save, an import or a long prompt).
 * ``target_signals``: what the target computed (top-k now, hidden states next).
+* ``scoring``: lossy scorers in vLLM's verification step (any proposer):
+  per-request lossy flags, hidden states, the relaxed accept rule, metrics.
 * ``step_timing``: decode-step timing for the measured draft price.
 * ``state_files``: state files (and draft models) checked at startup, state
   saved in the background.
@@ -46,6 +48,7 @@ from .rpc import (  # noqa: F401
     flush_shared_state,
     install_draft_timer,
     save_proposer_state,
+    scorer_snapshot,
 )
 from .versions import (  # noqa: F401
     ALLOW_UNSUPPORTED_ENV,

@@ -35,6 +35,7 @@ from .background import BackgroundWork
 from .draft_budget import DraftBudget
 from .lifecycle import RequestTable
 from .replica_sharing import ReplicaSharing, current_ranks, owns_replica_state
+from . import scoring
 from .server_metrics import MetricsFileWriter
 from .state_files import StateSaver, check_draft_models, check_made_for, check_state_paths
 from .step_timing import StepTimer
@@ -198,8 +199,12 @@ class PluginDrafter:
             return drafts
         try:
             self._release_deferred()
+            scorer = scoring.runtime_of(runner)
+            reflect = scorer if scorer is not None and scorer.reflects else None
             self._draft(runner.input_batch, sampled_token_ids, num_tokens_no_spec,
-                        token_ids_cpu, drafts)
+                        token_ids_cpu, drafts, reflect)
+            if reflect is not None:  # the reflective scorer verifies d + probe + d
+                drafts = reflect.extend_drafts(runner, drafts, self.num_speculative_tokens)
         except Exception:  # the adapter itself: never take the engine down
             self.stats["errors"] += 1
             logger.warning("vllm-spec-plugins: drafting failed this step (no drafts):\n%s",
@@ -234,7 +239,7 @@ class PluginDrafter:
         return out
 
     def _draft(self, batch: Any, sampled_token_ids, num_tokens_no_spec, token_ids_cpu,
-               drafts: list[list[int]]) -> None:
+               drafts: list[list[int]], reflect: Any = None) -> None:
         table, proposer = self.requests, self.proposer
         budget = self.num_speculative_tokens
         if self._step_budget > 0:
@@ -271,6 +276,8 @@ class PluginDrafter:
                 table.fail(rec, "on_target_topk/on_tokens")
                 continue
             k = min(budget, self.max_model_len - n - 1)
+            if reflect is not None and reflect._row_lossy(self._runner, req_id):
+                k = min(k, reflect.draft_cap(budget))  # room for the probe and the copy
             if k > 0:
                 rows.append(i)
                 recs.append(rec)

@@ -21,6 +21,7 @@ the version list in versions.py change.
 from __future__ import annotations
 
 import importlib
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -61,9 +62,17 @@ class VllmPatch:
 
 
 def _is_original(fn: Any, patch: VllmPatch) -> bool:
-    """Does ``fn`` look like the function vLLM itself defines there?"""
+    """Does ``fn`` look like the function vLLM itself defines there?
+
+    A ``functools.wraps`` wrapper is someone else's, except the decorators
+    vLLM itself applies (``@torch.inference_mode`` on ``sample_tokens``):
+    their wrapper code lives in torch or vLLM."""
     if getattr(fn, "__wrapped__", None) is not None:
-        return False
+        code = getattr(fn, "__code__", None)
+        where = os.path.normpath(getattr(code, "co_filename", "") or "").split(os.sep)
+        if not ("torch" in where or "vllm" in where):
+            return False
+        return _is_original(fn.__wrapped__, patch)
     module = getattr(fn, "__module__", "") or ""
     qualname = getattr(fn, "__qualname__", "") or ""
     return (module.split(".")[0] == patch.module.split(".")[0]
@@ -158,6 +167,34 @@ def _target_logits(original: Callable) -> Callable:
     return _sample
 
 
+def _scorer_signals(original: Callable) -> Callable:
+    def sample_tokens(self, *args, **kwargs):
+        from . import scoring
+
+        scoring.on_sample_tokens(self)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            scoring.after_sample_tokens()
+
+    return sample_tokens
+
+
+def _scorer_rule(original: Callable) -> Callable:
+    def rejection_sample(draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,
+                         draft_probs, target_logits, bonus_token_ids, sampling_metadata,
+                         *args, **kwargs):
+        out = original(draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,
+                       draft_probs, target_logits, bonus_token_ids, sampling_metadata,
+                       *args, **kwargs)
+        from . import scoring
+
+        return scoring.relax(out, draft_token_ids, num_draft_tokens, target_logits,
+                             bonus_token_ids, sampling_metadata)
+
+    return rejection_sample
+
+
 def _torch_expand_kernel(original: Callable) -> Callable:
     from .vllm_cpu_fixes import expand_kernel_impl
 
@@ -194,6 +231,19 @@ REGISTRATION_PATCHES = [
                   "with any proposer is verified against garbage temperatures "
                   "(vllm_cpu_fixes.py); the worker registers this attribute after "
                   "the plugins ran"),
+]
+
+#: Applied by register() in every vLLM process: the lossy scorers work with any
+#: proposer (vLLM's built-in ones build no PluginDrafter), and pass straight
+#: through unless additional_config.spec_plugins_scorer names a lossy scorer.
+SCORER_PATCHES = [
+    VllmPatch("scorer-signals", _RUNNER, "GPUModelRunner", "sample_tokens", _scorer_signals,
+              why="the step's spec-decode metadata, final hidden states and per-request "
+                  "lossy flags for a lossy scorer (vLLM clears them before sampling)"),
+    VllmPatch("scorer-accept-rule", "vllm.v1.sample.rejection_sampler", "", "rejection_sample",
+              _scorer_rule,
+              why="a lossy scorer relaxes the accept rule of its requests after vLLM's "
+                  "standard rule ran (bonus sampling, logits processors, logprobs unchanged)"),
 ]
 
 #: Applied when a PluginDrafter is built (in the worker); do nothing for other drafters.

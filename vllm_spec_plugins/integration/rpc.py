@@ -22,6 +22,15 @@ def drafter_snapshot(worker: Any) -> dict[str, Any] | None:
     return drafter.snapshot() if drafter is not None else None
 
 
+def scorer_snapshot(worker: Any) -> dict[str, Any] | None:
+    """The lossy scorer's counters (accepted by the standard rule vs only by the
+    scorer, in total and per request); None when no lossy scorer runs here."""
+    from .scoring import scorer_snapshot_of
+
+    runner = getattr(worker, "model_runner", None)
+    return scorer_snapshot_of(runner) if runner is not None else None
+
+
 def flush_shared_state(worker: Any, timeout_s: float = 10.0) -> dict[str, Any] | None:
     """Push this replica's new state to the hub and merge what the others
     pushed, waiting up to ``timeout_s``. None when sharing is off here."""

@@ -14,6 +14,11 @@ Exposed (``vsp_`` prefix; a counter per label set):
   ``vsp_drafter_errors_total`` by ``method``;
 * ``vsp_draft_budget_tokens_total`` by ``method`` and ``stage``
   (proposed, kept, accepted);
+* the lossy scorer's (``integration/scoring.py``, any proposer):
+  ``vsp_scorer_accepted_tokens_total`` by ``scorer`` and ``rule`` (standard:
+  the lossless rule accepted it; scorer: only the scorer did),
+  ``vsp_scorer_rows_total`` by ``mode`` (lossy, lossless) and
+  ``vsp_scorer_errors_total``;
 * what the proposer adds (``Proposer.prometheus_counters``), e.g. the
   cascade's ``vsp_cascade_drafted_tokens_total`` and
   ``vsp_cascade_accepted_tokens_total`` by ``source`` and ``position``.
@@ -82,9 +87,11 @@ class DrafterCollector:
         from prometheus_client.core import CounterMetricFamily
 
         families: dict[str, Any] = {}
-        for path in glob.glob(os.path.join(self.directory, "drafter-*.json")):
+        paths = (glob.glob(os.path.join(self.directory, "drafter-*.json"))
+                 + glob.glob(os.path.join(self.directory, "scorer-*.json")))
+        for path in paths:
             try:
-                pid = int(os.path.basename(path)[len("drafter-"):-len(".json")])
+                pid = int(os.path.basename(path).rsplit("-", 1)[1][:-len(".json")])
                 if not pid_alive(pid):
                     continue
                 with open(path) as f:
@@ -101,11 +108,11 @@ class DrafterCollector:
 
 
 class MetricsFileWriter:
-    """Writes one drafter's counters for :class:`DrafterCollector`."""
+    """Writes one drafter's (or scorer's: ``name``) counters for :class:`DrafterCollector`."""
 
-    def __init__(self, directory: Optional[str] = None) -> None:
+    def __init__(self, directory: Optional[str] = None, name: str = "drafter") -> None:
         self.directory = directory if directory is not None else os.environ.get(METRICS_DIR_ENV)
-        self.path = (os.path.join(self.directory, f"drafter-{os.getpid()}.json")
+        self.path = (os.path.join(self.directory, f"{name}-{os.getpid()}.json")
                      if self.directory else None)
         self._last = 0.0
         self.writes = 0
