@@ -59,3 +59,28 @@ def smoke_drafter(tmp_path_factory):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "held-out mean acceptance length" in r.stdout
     return out
+
+
+@pytest.fixture(scope="session")
+def smoke_judge(tmp_path_factory):
+    """A judge head for the default model made by the project's own
+    ``train-judge`` command, smoke-sized (the target's second choices as
+    alternatives, a dozen math problems and six code tasks: a minute or
+    two). Returns its directory; its work files stay for the resume test."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("smoke_judge") / "smollm2-135m"
+    r = subprocess.run(smoke_judge_command(out), capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "[train-judge] saved" in r.stdout
+    return out
+
+
+def smoke_judge_command(out) -> list:
+    import sys
+
+    return [sys.executable, "-m", "vllm_spec_plugins.cli", "train-judge",
+            "--target", "smollm2-135m", "--out", str(out), "--code-tasks", "6",
+            "--math-tasks", "12", "--max-tokens", "96", "--per-task", "4", "--window", "24",
+            "--dtype", "float32", "--minutes", "10", "--quiet"]

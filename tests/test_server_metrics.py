@@ -37,3 +37,24 @@ def test_without_a_directory_nothing_is_written(monkeypatch):
     w = MetricsFileWriter()
     w.maybe_write(lambda: counters(1))
     assert w.path is None and w.writes == 0
+
+
+def test_scorer_counters_reach_the_collector(tmp_path):
+    """A lossy scorer's counters (integration/scoring.py) are written beside
+    the drafter's and served by the same collector."""
+    from vllm_spec_plugins.config import ScorerConfig
+    from vllm_spec_plugins.integration.scoring import ScorerRuntime
+    from vllm_spec_plugins.scorers.reflective import ReflectiveScorer
+
+    rt = ScorerRuntime(ScorerConfig(name="reflective"), ReflectiveScorer([1, 2]))
+    rt.metrics_file = MetricsFileWriter(str(tmp_path), name="scorer")
+    rt.stats.update(standard_accepted=7, scorer_accepted=3, lossy_rows=4, lossless_rows=2)
+    rt.metrics_file.maybe_write(rt.prometheus_counters)
+    assert os.path.basename(rt.metrics_file.path) == f"scorer-{os.getpid()}.json"
+    fams = {f.name: f for f in DrafterCollector(str(tmp_path)).collect()}
+    acc = {s.labels["rule"]: s.value for s in fams["vsp_scorer_accepted_tokens"].samples
+           if s.name.endswith("_total")}
+    assert acc == {"standard": 7.0, "scorer": 3.0}
+    rows = {s.labels["mode"]: s.value for s in fams["vsp_scorer_rows"].samples
+            if s.name.endswith("_total")}
+    assert rows == {"lossy": 4.0, "lossless": 2.0}

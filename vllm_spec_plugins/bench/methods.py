@@ -11,7 +11,10 @@ A method is one of
   its ready-to-paste ``configs/<method>.json`` when that file exists;
 * ``plugin:package.module:Class`` -- a user's own proposer class;
 * ``path/to/config.json`` -- a ready-to-paste config file of this package
-  (``speculative_config`` + ``additional_config``), labelled by its file stem.
+  (``speculative_config`` + ``additional_config``), labelled by its file stem;
+* any of these followed by ``@judge``, ``@reflective`` or ``@scorer.json``:
+  the same method verified by a LOSSY scorer (``configs/scorer_<name>.json``
+  settings), labelled as written (``draft_model@judge``).
 
 ``all`` expands to every method that applies. ``num_speculative_tokens`` is the
 same ``--k`` for every method, so the comparison is like for like.
@@ -51,6 +54,8 @@ class MethodSpec:
     # Intel OpenMP + tcmalloc in the engine's LD_PRELOAD (bench --cpu-preload):
     # True / False, or None = as the VSP_CPU_PRELOAD switch says.
     cpu_preload: Optional[bool] = None
+    # additional_config.spec_plugins_scorer of a METHOD@SCORER entry ({} = standard).
+    scorer: dict = field(default_factory=dict, hash=False, compare=False)
 
 
 def registry_methods() -> dict[str, bool]:
@@ -99,6 +104,50 @@ def _registry_spec(name: str, lossless: bool, configs_dir: Optional[Path]) -> Me
     return MethodSpec(name, "plugin", name, {}, lossless, "defaults")
 
 
+def read_scorer_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The scorer settings of a ready-to-paste scorer config file (its
+    ``additional_config.spec_plugins_scorer`` object)."""
+    from vllm_spec_plugins.engine_config import SCORER_KEY
+
+    p = Path(path)
+    try:
+        obj = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--methods: no such scorer config file {str(p)!r}") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: cannot read it as JSON ({e})") from None
+    extra = obj.get("additional_config") if isinstance(obj, dict) else None
+    sc = extra.get(SCORER_KEY) if isinstance(extra, dict) else None
+    if not isinstance(sc, dict):
+        raise ValueError(f"{p}: not a scorer config: expected {{\"additional_config\": "
+                         f"{{\"{SCORER_KEY}\": {{\"name\": ...}}}}}} (see configs/scorer_*.json)")
+    return dict(sc)
+
+
+def scorer_settings(text: str, configs_dir: Optional[Path] = DEFAULT_CONFIGS_DIR) -> dict:
+    """``judge`` / ``reflective`` (with configs/scorer_<name>.json's settings
+    when present) or a scorer config file -> validated scorer settings."""
+    from vllm_spec_plugins.engine_config import SCORER_KEY, scorer_config
+
+    if text.endswith(".json"):
+        sc = read_scorer_file(text)
+    elif text in ("judge", "reflective", "standard"):
+        path = configs_dir / f"scorer_{text}.json" if configs_dir else None
+        sc = read_scorer_file(path) if path is not None and path.is_file() else {"name": text}
+    else:
+        raise ValueError(f"--methods: unknown scorer {text!r} after '@': expected judge, "
+                         "reflective, standard or a scorer config .json")
+    scorer_config({SCORER_KEY: sc})  # PluginConfigError naming the field
+    return sc
+
+
+def _with_scorer(item: str, configs_dir: Optional[Path]) -> tuple[str, dict]:
+    if "@" not in item:
+        return item, {}
+    base, _, sc = item.rpartition("@")
+    return base, scorer_settings(sc.strip(), configs_dir)
+
+
 def parse_methods(text: str, *, registry: Optional[dict[str, bool]] = None,
                   configs_dir: Optional[Path] = DEFAULT_CONFIGS_DIR,
                   draft_model: Optional[str] = None,
@@ -114,7 +163,13 @@ def parse_methods(text: str, *, registry: Optional[dict[str, bool]] = None,
     known = ", ".join(list(VLLM_BUILTINS) + sorted(registry))
     specs: list[MethodSpec] = []
     notes: list[str] = []
-    for item in items:
+    for entry in items:
+        item, scorer = _with_scorer(entry, configs_dir)
+        if scorer:
+            if item in ("all", "none"):
+                raise ValueError(f"--methods: {entry!r}: a scorer needs a speculative method "
+                                 "before '@' (e.g. draft_model@judge)")
+            n_before = len(specs)
         if item == "all":
             for name in ("none", "ngram"):
                 specs.append(MethodSpec(name, name))
@@ -169,6 +224,12 @@ def parse_methods(text: str, *, registry: Optional[dict[str, bool]] = None,
         else:
             raise ValueError(f"--methods: unknown method {item!r}; expected all, one of {known}, "
                              "plugin:package.module:Class or a config .json file")
+        if scorer:
+            from dataclasses import replace
+
+            m = specs[n_before]
+            specs[n_before] = replace(m, label=entry, scorer=scorer,
+                                      lossless=m.lossless and scorer.get("name") == "standard")
     labels = [s.label for s in specs]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
@@ -215,6 +276,12 @@ def engine_kwargs(method: MethodSpec, *, model: str, dtype: str, seed: int, k: i
                                                 **method.settings, **(plugin_config or {})}}
     else:
         raise ValueError(f"unknown method kind {method.kind!r}")
+    if method.scorer:
+        from vllm_spec_plugins.engine_config import SCORER_KEY
+
+        if method.kind == "none":
+            raise ValueError("a scorer needs speculative decoding (method none has none)")
+        kw.setdefault("additional_config", {})[SCORER_KEY] = dict(method.scorer)
     return kw
 
 

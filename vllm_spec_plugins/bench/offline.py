@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from vllm_spec_plugins.bench.methods import MethodSpec, engine_kwargs
-from vllm_spec_plugins.bench.stats import counters_delta, draft_time_delta, drafter_delta, spec_counters
+from vllm_spec_plugins.bench.stats import (counters_delta, draft_time_delta, drafter_delta,
+                                           scorer_delta, spec_counters)
 
 WARMUP_MESSAGES = [{"role": "user", "content": "Say hello in one short sentence."}]
 WARMUP_MAX_TOKENS = 8
@@ -60,6 +61,12 @@ def _draft_time(llm: Any) -> Optional[dict]:
     from vllm_spec_plugins.integration import draft_timer_snapshot
 
     return _first(llm.collective_rpc(draft_timer_snapshot))
+
+
+def _scorer_stats(llm: Any) -> Optional[dict]:
+    from vllm_spec_plugins.integration import scorer_snapshot
+
+    return _first(llm.collective_rpc(scorer_snapshot))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -133,7 +140,9 @@ def worker_main(spec_path: str) -> int:
         m0 = spec_counters(llm.get_metrics())
         d0 = _drafter_stats(llm) if is_plugin else None
         t0 = _draft_time(llm) if method.kind != "none" else None
+        s0 = _scorer_stats(llm) if method.scorer else None
         wall, token_ids, texts = _run_cell(llm, tok, params, cell)
+        s1 = _scorer_stats(llm) if method.scorer else None
         m1 = spec_counters(llm.get_metrics())
         d1 = _drafter_stats(llm) if is_plugin else None
         t1 = _draft_time(llm) if method.kind != "none" else None
@@ -145,6 +154,7 @@ def worker_main(spec_path: str) -> int:
             "spec": counters_delta(m0, m1) if method.kind != "none" else None,
             "drafter": drafter_delta(d0, d1),
             "draft_time": draft_time_delta(t0, t1),
+            "scorer": scorer_delta(s0, s1),
         })
         # "cell done" is what the parent counts for its progress bar
         print(f"[bench worker] cell done: {cell['workload']} / {cell['scenario']}: {out_tokens} "

@@ -156,7 +156,12 @@ def speedup_pivot(rows: Sequence[dict], baseline: str = BASELINE) -> str:
                 # a lossy method's task score, next to the target's own (the baseline)
                 ref = base_score.get((r["workload"], r["scenario"]))
                 text += f" [{r['task_metric']} {100 * r['task_score']:.0f}%"
-                text += f" vs {100 * ref:.0f}%]" if ref is not None else "]"
+                text += f" vs {100 * ref:.0f}%" if ref is not None else ""
+                diff = r.get("task_difference")
+                if diff:
+                    d, lo, hi, n = diff
+                    text += f", Δ {100 * d:+.1f} pts (95% CI {100 * lo:+.1f}..{100 * hi:+.1f}, n={n})"
+                text += "]"
         cells.setdefault((r["workload"], r["scenario"]), {})[r["method"]] = text
     if not methods:
         return "_(no speculative method)_"
@@ -289,6 +294,24 @@ BUDGET_NOTE = ("proposed = tokens the method drafted; kept = what the draft budg
                "probability a token needed at the end of the cell (median over repeats).")
 
 
+def scorer_table(rows: Sequence[dict]) -> str:
+    """Lossy scorers: accepted draft tokens by the standard rule and only by the scorer."""
+    headers = ["workload", "scenario", "method", "drafted", "accepted (standard rule)",
+               "accepted (scorer only)", "lossy share of accepted", "lossy rows", "errors"]
+    body = []
+    for r in rows:
+        sc = r.get("scorer")
+        if not sc:
+            continue
+        acc = sc["standard_accepted"] + sc["scorer_accepted"]
+        body.append([r["workload"], r["scenario"], r["method"], str(sc["drafted_tokens"]),
+                     str(sc["standard_accepted"]), str(sc["scorer_accepted"]),
+                     fmt_pct(sc["scorer_accepted"] / acc) if acc else DASH,
+                     f"{sc['lossy_rows']}/{sc['lossy_rows'] + sc['lossless_rows']}",
+                     str(sc["errors"])])
+    return markdown_table(headers, body, ["l", "l", "l"] + ["r"] * 6) if body else ""
+
+
 def mismatch_lines(rows: Sequence[dict], baseline: str = BASELINE, limit: int = 12,
                    lossy: bool = False) -> list[str]:
     """One line per (method, workload, scenario) whose greedy outputs differ from
@@ -329,7 +352,14 @@ def render_report(settings: dict[str, Any], rows: Sequence[dict], runs: Sequence
                   "in the same repeat, median (min–max) over repeats. Without = vLLM's default "
                   "(it preloads torch's libgomp itself)."]
     lines += ["", f"## Speedup over `{baseline}` (median; τ = mean acceptance length)", "",
-              speedup_pivot(rows, baseline), "", "## All measurements", "",
+              speedup_pivot(rows, baseline), ""]
+    lossy_table = scorer_table(rows)
+    if lossy_table:
+        lines += ["## Lossy scorers: what they accepted", "", lossy_table, "",
+                  "Counted by the scorer in the engine (drafted = real draft tokens, a "
+                  "reflective row's probe and copy not counted); Δ in the table above = the "
+                  "method's task score minus the baseline's, paired by prompt.", ""]
+    lines += ["## All measurements", "",
               main_table(rows, baseline), "",
               "tok/s = output tokens / wall time (offline: of the `llm.generate` calls; online: of "
               "the whole load at that concurrency), median over repeats; speedup = tok/s ÷ tok/s of "

@@ -10,6 +10,8 @@ any method, offline), optional "latency" (online) and "task" (scored outputs)}``
 
 from __future__ import annotations
 
+import math
+
 import statistics
 from typing import Any, Iterable, Optional, Sequence
 
@@ -114,6 +116,35 @@ def drafter_delta(before: Optional[dict], after: Optional[dict]) -> Optional[dic
     return out
 
 
+SCORER_COUNTERS = ("lossy_rows", "lossless_rows", "drafted_tokens", "standard_accepted",
+                   "scorer_accepted", "errors")
+
+
+def scorer_delta(before: Optional[dict], after: Optional[dict]) -> Optional[dict[str, Any]]:
+    """Difference of two ``scorer_snapshot`` dicts: tokens accepted by the
+    standard rule and only by the lossy scorer, rows lossy and lossless."""
+    if before is None and after is None:
+        return None
+    before = before or {}
+    after = after or {}
+    return {k: after.get(k, 0) - before.get(k, 0) for k in SCORER_COUNTERS}
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], z: float = 1.96
+                      ) -> Optional[tuple[float, float, float, int]]:
+    """Mean of b - a over paired items (e.g. a lossy method's pass/fail per
+    task minus the baseline's) with a normal-approximation 95% interval:
+    (difference, low, high, n)."""
+    if not a or len(a) != len(b):
+        return None
+    d = [float(y) - float(x) for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+    half = z * math.sqrt(var / n)
+    return mean, mean - half, mean + half, n
+
+
 def draft_time_delta(before: Optional[dict], after: Optional[dict]) -> Optional[dict[str, Any]]:
     """Difference of two ``draft_timer_snapshot`` dicts: drafting seconds and calls."""
     if before is None or after is None:
@@ -205,6 +236,9 @@ def summarize(runs: Sequence[dict], methods: Sequence[str], cells: Sequence[tupl
             identical = compared = 0
             mismatches: list[dict[str, Any]] = []
             task_metric = None
+            pairs_a: list[float] = []
+            pairs_b: list[float] = []
+            scorer: Optional[dict[str, int]] = None
             for r in sorted(ok, key=lambda r: r["repeat"]):
                 m = _cell(r, wname, scen)
                 t = _tps(m)
@@ -233,6 +267,14 @@ def summarize(runs: Sequence[dict], methods: Sequence[str], cells: Sequence[tupl
                 if m.get("task"):
                     scores.append(m["task"]["score"])
                     task_metric = m["task"]["metric"]
+                    bm = _cell(base_by_repeat.get(r["repeat"]) or first_base, wname, scen)
+                    if label != baseline and bm and bm.get("task"):
+                        pairs_a += [float(x) for x in bm["task"].get("per_prompt", [])]
+                        pairs_b += [float(x) for x in m["task"].get("per_prompt", [])]
+                if m.get("scorer"):
+                    scorer = scorer or {k: 0 for k in SCORER_COUNTERS}
+                    for k in SCORER_COUNTERS:
+                        scorer[k] += m["scorer"].get(k, 0)
                 # speedup is paired with the baseline of the same repeat
                 b = _cell(base_by_repeat.get(r["repeat"]), wname, scen)
                 bt = _tps(b) if b else None
@@ -272,6 +314,10 @@ def summarize(runs: Sequence[dict], methods: Sequence[str], cells: Sequence[tupl
                 row[k] = median_spread(latency[k])[0]
             row["task_metric"] = task_metric
             row["task_score"] = median_spread(scores)[0]
+            # a method's task score minus the baseline's, paired by prompt and repeat
+            row["task_difference"] = (paired_difference(pairs_a, pairs_b)
+                                      if len(pairs_a) == len(pairs_b) else None)
+            row["scorer"] = scorer
             row["identical"] = identical if compared else None
             row["compared"] = compared if compared else None
             row["mismatches"] = mismatches

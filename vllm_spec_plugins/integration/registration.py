@@ -124,6 +124,11 @@ def validate_scorer(vllm_config: Any) -> None:
                 f"no room for a draft (a draft of n tokens is verified as 2n + {m}): raise "
                 f"speculative_config.num_speculative_tokens to at least {m + 2}, or shorten "
                 "the probe")
+    logger.warning("vllm-spec-plugins: LOSSY scorer %r selected (requests: %s): outputs of the "
+                   "requests it applies to will NOT be identical to the target model's own. A "
+                   "request opts %s with extra_args / vllm_xargs {\"spec_lossy\": %s}.",
+                   cfg.name, cfg.requests, "out" if cfg.requests == "opt_out" else "in",
+                   "false" if cfg.requests == "opt_out" else "true")
     if cfg.name == "judge":
         from vllm_spec_plugins.scorers.judge import (
             JudgeFormatError, made_for, read_head_spec, resolve_head_path)

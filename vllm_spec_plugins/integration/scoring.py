@@ -102,7 +102,9 @@ class ScorerRuntime:
         self.per_request: OrderedDict[str, list[int]] = OrderedDict()
         self.stats = {"steps": 0, "lossy_rows": 0, "lossless_rows": 0, "drafted_tokens": 0,
                       "standard_accepted": 0, "scorer_accepted": 0, "errors": 0,
-                      "seconds": 0.0, "disabled": 0}
+                      "seconds": 0.0, "disabled": 0,
+                      # lossy rows verified as sent: vLLM's own rule vs the relaxed one
+                      "vllm_rule_accepted": 0, "relaxed_accepted": 0}
         self._failures = 0
         self.metrics_file = MetricsFileWriter(name="scorer")
 
@@ -122,12 +124,13 @@ class ScorerRuntime:
 
         req_ids = runner.input_batch.req_ids
         cap = self.draft_cap(k)
+        # This step's capture already took last step's entries: start afresh, so
+        # a request that finished or was aborted leaves nothing behind.
+        self.extended = {}
         out = []
         for i, d in enumerate(drafts):
             rid = req_ids[i] if i < len(req_ids) else None
             if rid is None or not d or cap < 1 or not self._row_lossy(runner, rid):
-                if rid is not None:
-                    self.extended.pop(rid, None)
                 out.append(d)
                 continue
             d = list(d[:cap])
@@ -192,7 +195,7 @@ class ScorerRuntime:
 
     def _rescore(self, sig: _StepSignals, output, draft_token_ids, num_draft_tokens,
                  target_logits, bonus_token_ids, sampling_metadata) -> torch.Tensor:
-        from vllm_spec_plugins.scorers.base import VerifyBatch, relaxed_chains
+        from vllm_spec_plugins.scorers.base import VerifyBatch, standard_count, relaxed_chains
 
         B = len(num_draft_tokens)
         if B != len(sig.lossy):
@@ -235,6 +238,11 @@ class ScorerRuntime:
         ok = self.scorer.acceptable(batch)
         res = relaxed_chains(batch, ok, self.generator, rebuild=rebuild)
         self._count(sig, batch, res)
+        # What vLLM's own rule accepted on the same drafts (rows it verified as sent).
+        for b in range(B):
+            if bool(batch.lossy[b]) and (rebuild is None or not bool(rebuild[b])):
+                self.stats["vllm_rule_accepted"] += min(counts[b], standard_count(output[b].cpu()))
+                self.stats["relaxed_accepted"] += res.standard_accepted[b] + res.scorer_accepted[b]
         out = res.output.to(output.device)
         if out.shape != output.shape:
             raise RuntimeError(f"relaxed output {tuple(out.shape)} != {tuple(output.shape)}")

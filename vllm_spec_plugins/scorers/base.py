@@ -90,11 +90,21 @@ class StandardScorer(Scorer):
 @dataclass
 class RelaxedResult:
     output: torch.Tensor        # [B, max_spec_len + 1] int32, -1 padded
-    standard_accepted: list[int]
-    scorer_accepted: list[int]  # tokens accepted only because of the scorer
+    standard_accepted: list[int]  # accepted tokens the standard rule accepts (in the chain)
+    scorer_accepted: list[int]    # tokens accepted only because of the scorer
 
 
-def _standard_count(row: torch.Tensor) -> int:
+    def accepted(self, b: int) -> int:
+        """Draft tokens row ``b`` accepted."""
+        return self.standard_accepted[b] + self.scorer_accepted[b] if b < len(
+            self.standard_accepted) else 0
+
+    def following_token(self, b: int) -> int:
+        """The token emitted after row ``b``'s accepted drafts."""
+        return int(self.output[b, standard_count(self.output[b])])
+
+
+def standard_count(row: torch.Tensor) -> int:
     """Accepted drafts in one standard output row (its length minus the emitted token)."""
     return max(0, int((row != PLACEHOLDER).sum()) - 1)
 
@@ -126,7 +136,7 @@ def relaxed_chains(batch: VerifyBatch, acceptable: torch.Tensor,
         n = int(batch.num_draft_tokens[b])
         full = bool(rebuild[b]) if rebuild is not None else False
         if not full:
-            std_acc[b] = min(n, _standard_count(out[b]))
+            std_acc[b] = min(n, standard_count(out[b]))
         if n == 0 or not bool(batch.lossy[b]):
             continue
         o = offsets[b]
@@ -138,7 +148,6 @@ def relaxed_chains(batch: VerifyBatch, acceptable: torch.Tensor,
             continue  # the scorer does not override: vLLM's result stands
         tokens: list[int] = []
         stopped_with: Optional[int] = None
-        std_run = True  # still inside the standard rule's own acceptances
         for j in range(n):
             d = int(drafts[o + j])
             if not full and j < start:
@@ -152,12 +161,11 @@ def relaxed_chains(batch: VerifyBatch, acceptable: torch.Tensor,
                 p = torch.softmax(logits.float(), dim=-1)
                 u = torch.rand((), generator=generator)
                 std_ok = bool(u < p[d])
+            if not full and j == start:
+                std_ok = False  # vLLM's rule already rejected it (its own random draw)
             if std_ok:
                 tokens.append(d)
-                if std_run:
-                    std_acc[b] = j + 1
                 continue
-            std_run = False
             if bool(acc_cpu[o + j]):
                 tokens.append(d)
                 extra[b] += 1
@@ -173,6 +181,8 @@ def relaxed_chains(batch: VerifyBatch, acceptable: torch.Tensor,
             else:
                 assert batch.bonus_token_ids is not None, "bonus_token_ids or next_logits"
                 stopped_with = int(batch.bonus_token_ids.reshape(-1)[b])
+        # Accepted by the standard rule = every accepted token the scorer did not need.
+        std_acc[b] = len(tokens) - extra[b]
         row = tokens + [stopped_with]
         out[b].fill_(PLACEHOLDER)
         out[b, :len(row)] = torch.tensor(row, dtype=out.dtype)
