@@ -77,7 +77,7 @@ def _ids(outs) -> list[list[int]]:
 # ----------------------------------------------------------------------------- judge
 @pytest.fixture(scope="module")
 def judge_llm(accept_all_head):
-    engine = _engine({"name": "judge", "head": accept_all_head})
+    engine = _engine({"name": "judge", "head": accept_all_head, "min_target_prob": 0})
     yield engine
     del engine
 
@@ -179,7 +179,8 @@ def test_judge_with_vllms_ngram(accept_all_head, baseline_outputs):
     prompts, expected = baseline_outputs
     ngram = {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 2,
              "prompt_lookup_max": 5}
-    llm = _engine({"name": "judge", "head": accept_all_head, "requests": "opt_in"}, ngram)
+    llm = _engine({"name": "judge", "head": accept_all_head, "requests": "opt_in",
+                   "min_target_prob": 0}, ngram)
     try:
         # opt_in: requests without the flag stay lossless
         outs = _ids(llm.generate(prompts, greedy(), use_tqdm=False))

@@ -552,8 +552,9 @@ class ScorerConfig(BaseModel):
         0.5, ge=0.0, le=1.0,
         description="reflective: weight of the reflective distribution in the fused one")
     min_target_prob: float = Field(
-        0.05, gt=0.0, le=1.0,
-        description="reflective: never accept a token the target gives less than this")
+        0.05, ge=0.0, le=1.0,
+        description="judge and reflective: never accept a token the target gives less "
+                    "probability than this (0 = no floor)")
 
     @field_validator("head")
     @classmethod

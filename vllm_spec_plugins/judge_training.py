@@ -160,7 +160,9 @@ class TargetFeatures:
             order = sorted(range(len(positions)), key=lambda i: -positions[i])
             for i in order:  # descending: each crop only shortens the cache
                 p, a = positions[i], alts[i]
-                cache.crop(p)
+                drop = cache.get_seq_length() - p
+                if drop > 0:  # keep ids[:p] (a negative crop: transformers' newer form)
+                    cache.crop(-drop)
                 post = self.model.model(input_ids=torch.tensor([[a]]), past_key_values=cache,
                                         use_cache=True).last_hidden_state[0]
                 f = judge_features(hidden[p - 1:p], post, logits[p - 1:p],
@@ -219,7 +221,7 @@ def fit_head(X: np.ndarray, y: np.ndarray, groups: np.ndarray, s: JudgeTrainSett
         return torch.sigmoid(torch.tensor((Xe - mean) / std, dtype=torch.float32) @ w + b).numpy()
 
     report: dict = {"examples": int(len(y)), "acceptable": int(y.sum()),
-                    "tasks": int(len(uniq)), "heldout_tasks": len(held_groups)}
+                    "tasks_with_swaps": int(len(uniq)), "heldout_tasks": len(held_groups)}
     threshold = 0.5
     if held.any() and (~held).any() and len(np.unique(y[~held])) == 2:
         model = train(X[~held], y[~held])

@@ -55,7 +55,7 @@ def build_scorer(cfg: Any, model_config: Any = None) -> Any:
         from vllm_spec_plugins.scorers.judge import JudgeScorer, load_head, resolve_head_path
 
         head = load_head(resolve_head_path(cfg.head or _model_name(model_config)))
-        return JudgeScorer(head, cfg.threshold)
+        return JudgeScorer(head, cfg.threshold, cfg.min_target_prob)
     from vllm_spec_plugins.scorers.reflective import ReflectiveScorer
 
     return ReflectiveScorer(probe_token_ids(cfg.probe, model_config), cfg.fusion_weight,
@@ -397,5 +397,5 @@ def relax(output: torch.Tensor, draft_token_ids, num_draft_tokens, target_logits
 
 
 def scorer_snapshot_of(runner: Any) -> Optional[dict]:
-    rt = runner.__dict__.get("_vsp_scorer")
-    return rt.snapshot() if isinstance(rt, ScorerRuntime) else None
+    rt = runtime_of(runner)  # built here if no step has run yet
+    return rt.snapshot() if rt is not None else None

@@ -88,9 +88,14 @@ class JudgeScorer(Scorer):
     lossless = False
     needs_hidden_states = True
 
-    def __init__(self, head: JudgeHead, threshold: Optional[float] = None) -> None:
+    def __init__(self, head: JudgeHead, threshold: Optional[float] = None,
+                 min_target_prob: float = 0.0) -> None:
         self.head = head
         self.threshold = float(head.threshold if threshold is None else threshold)
+        # A floor under the head: never a token the target itself finds implausible
+        # (the head learnt from one drafter's alternatives; a copy a suffix tree
+        # proposes can look acceptable to it and start a loop).
+        self.min_log_prob = math.log(min_target_prob) if min_target_prob > 0 else -math.inf
 
     def acceptable(self, batch: VerifyBatch) -> torch.Tensor:
         T = int(batch.draft_token_ids.shape[0])
@@ -98,11 +103,14 @@ class JudgeScorer(Scorer):
             return torch.zeros(T, dtype=torch.bool)
         feats = judge_features(batch.hidden_pre, batch.hidden_post, batch.target_logits,
                                batch.draft_token_ids)
-        return (self.head.probability(feats) >= self.threshold).to("cpu")
+        ok = self.head.probability(feats) >= self.threshold
+        ok &= feats[:, -len(LOGIT_FEATURES)] >= self.min_log_prob  # logp_draft
+        return ok.to("cpu")
 
     def describe(self) -> dict:
         return {"name": self.name, "lossless": False, "threshold": self.threshold,
-                "target": self.head.target.name}
+                "target": self.head.target.name,
+                "min_target_prob": round(math.exp(self.min_log_prob), 6)}
 
 
 # ----------------------------------------------------------------------------- files

@@ -63,7 +63,7 @@ class ReflectiveScorer(Scorer):
             raise ValueError("the reflective probe is empty")
         self.probe_ids = [int(x) for x in probe_ids]
         self.fusion_weight = float(fusion_weight)
-        self.min_log_prob = math.log(max(float(min_target_prob), 1e-12))
+        self.min_log_prob = math.log(float(min_target_prob)) if min_target_prob > 0 else -math.inf
 
     def acceptable(self, batch: VerifyBatch) -> torch.Tensor:
         T = int(batch.draft_token_ids.shape[0])
