@@ -141,13 +141,11 @@ def validate_scorer(vllm_config: Any) -> None:
             head = read_head_spec(resolve_head_path(name))
         except JudgeFormatError as e:
             raise PluginConfigError(f"{where}.head: {e}") from None
+        from .state_files import target_identity
+
         made = made_for(head)
-        hf = getattr(model_config, "hf_config", None)
-        if hf is not None:
-            target = {"architecture": (getattr(hf, "architectures", None) or ["?"])[0],
-                      "hidden_size": getattr(hf, "hidden_size", None),
-                      "vocab_size": getattr(hf, "vocab_size", None),
-                      "num_hidden_layers": getattr(hf, "num_hidden_layers", None)}
+        target = target_identity(model_config)
+        if target is not None:
             target["name"] = _model_name(model_config)
             diff = [f"{k}: head {made[k]!r}, target {v!r}" for k, v in target.items()
                     if v and made.get(k) != v]

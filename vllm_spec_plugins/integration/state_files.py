@@ -100,17 +100,26 @@ def made_for_target(config: BaseModel) -> Optional[dict]:
             "vocab_size": t.vocab_size, "num_hidden_layers": t.num_layers}
 
 
+def target_identity(model_config: Any) -> Optional[dict]:
+    """What a learnt drafter or judge head is checked against: the serving
+    target's architecture, hidden size, vocabulary and layer count (None
+    without a model config)."""
+    hf = getattr(model_config, "hf_config", None)
+    if hf is None:
+        return None
+    return {"architecture": (getattr(hf, "architectures", None) or ["?"])[0],
+            "hidden_size": getattr(hf, "hidden_size", None),
+            "vocab_size": getattr(hf, "vocab_size", None),
+            "num_hidden_layers": getattr(hf, "num_hidden_layers", None)}
+
+
 def check_made_for(made: dict, model_config: Any, method: str) -> None:
     """PluginConfigError naming both sides if the serving target's config
     differs from what the drafter was made for (architecture, hidden size,
     vocabulary, layers)."""
-    hf = getattr(model_config, "hf_config", None)
-    if not made or hf is None:
+    target = target_identity(model_config)
+    if not made or target is None:
         return
-    target = {"architecture": (getattr(hf, "architectures", None) or ["?"])[0],
-              "hidden_size": getattr(hf, "hidden_size", None),
-              "vocab_size": getattr(hf, "vocab_size", None),
-              "num_hidden_layers": getattr(hf, "num_hidden_layers", None)}
     diff = [f"{k}: drafter {made[k]!r}, target {v!r}" for k, v in target.items()
             if k in made and v is not None and made[k] != v]
     if diff:
