@@ -256,3 +256,21 @@ def test_per_request_choice():
     assert request_lossy(None, "opt_in") is False
     assert request_lossy({"spec_lossy": True}, "opt_in") is True
     assert request_lossy({"other": 1}, "opt_in") is False
+
+
+def test_shipped_scorer_configs_are_valid_and_ready_to_paste():
+    import pathlib
+
+    from vllm_spec_plugins.bench.methods import DEFAULT_CONFIGS_DIR, scorer_settings
+    from vllm_spec_plugins.registry import resolve
+
+    for name in ("judge", "reflective"):
+        path = pathlib.Path(DEFAULT_CONFIGS_DIR) / f"scorer_{name}.json"
+        cfg = json.loads(path.read_text())
+        sc = scorer_config(cfg["additional_config"])
+        assert sc.name == name and not sc.lossless
+        assert scorer_settings(name) == cfg["additional_config"][SCORER_KEY]
+    refl = json.loads((pathlib.Path(DEFAULT_CONFIGS_DIR) / "scorer_reflective.json").read_text())
+    resolve(refl["additional_config"]["spec_plugins"])  # a valid method next to it
+    # room for a draft next to the probe (SmolLM2's and Qwen's tokenizers: 4-5 tokens)
+    assert max_real_draft(refl["speculative_config"]["num_speculative_tokens"], 5) >= 5

@@ -390,7 +390,10 @@ def test_load_jsonl_empty_file(tmp_path):
 
 
 def test_registry():
-    assert set(WORKLOADS) == {"code", "chat", "sharegpt", "math", "repetitive"}
+    assert set(WORKLOADS) == {"code", "code_even", "chat", "sharegpt", "math", "repetitive"}
+    even = load_workload("code_even", None, 0)
+    assert even.name == "code_even" and len(even) == 82
+    assert all(int(r["task_id"].split("/")[1]) % 2 == 0 for r in even.references)
     w = WORKLOADS["repetitive"](3, 0)
     assert_well_formed(w, 3, "repetitive")
     assert load_workload("repetitive", 3, 0).prompts == w.prompts
