@@ -157,6 +157,7 @@ def test_judge_accepts_at_its_threshold():
     b.target_logits = torch.stack([peaked(5), peaked(8, 0.5, 6, 0.4)])
     b.hidden_pre = torch.zeros(2, h)
     b.hidden_post = torch.zeros(2, h)
+    b.rebuild = torch.tensor([True])  # a row walked from its first draft: both consulted
     gap = math.log(0.5 / 0.4)
     p = 1 / (1 + math.exp(-(2.0 - gap)))
     assert JudgeScorer(_head_on_gap(p - 1e-3)).acceptable(b).tolist() == [True, True]
@@ -164,6 +165,19 @@ def test_judge_accepts_at_its_threshold():
     # without hidden states (not captured this step) it accepts nothing
     b.hidden_pre = None
     assert JudgeScorer(_head_on_gap(0.1)).acceptable(b).tolist() == [False, False]
+
+
+def test_scorers_only_compute_the_positions_the_or_rule_consults():
+    # row 0 lossless; row 1 lossy, standard kept its first token: only its second is asked
+    rows = [([5, 6], [5, 8]), ([5, 6], [5, 8])]
+    b = batch_of(rows, [[5, 8], [5, 8]], [False, True])
+    assert b.consulted().tolist() == [3]
+    b.hidden_pre = torch.zeros(4, 3)
+    b.hidden_post = torch.zeros(4, 3)
+    assert JudgeScorer(_head_on_gap(0.01), min_target_prob=0.0).acceptable(b).tolist() == \
+        [False, False, False, True]
+    b.rebuild = torch.tensor([False, True])
+    assert b.consulted().tolist() == [2, 3]
 
 
 def test_judge_features_shape():

@@ -219,6 +219,7 @@ class ScorerRuntime:
             batch = self._reflective_batch(sig, counts, starts, drafts, target_logits, output,
                                            greedy, lossy)
             rebuild = torch.tensor([n >= 0 for n in sig.reflected], dtype=torch.bool)
+            batch.rebuild = rebuild
         else:
             batch = VerifyBatch(drafts, counts, target_logits, output, greedy, lossy,
                                 bonus_token_ids=bonus_token_ids.to("cpu").reshape(-1))
@@ -231,7 +232,6 @@ class ScorerRuntime:
                 for b, (s, n) in enumerate(zip(starts, counts)):
                     if n:
                         post[s + n - 1] = bidx[b]
-                # Only the rows that can change need the head: the others get zeros.
                 batch.hidden_pre = sig.hidden[tidx].to("cpu")
                 batch.hidden_post = sig.hidden[post].to("cpu")
             rebuild = None

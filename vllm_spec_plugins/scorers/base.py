@@ -52,6 +52,23 @@ class VerifyBatch:
     #: Reflective verification: the target's distribution for draft t after
     #: it re-read the whole draft behind the probe ([T, V]); None otherwise.
     reflective_logits: Optional[torch.Tensor] = None
+    #: Reflective rows: walked from their first draft (see relaxed_chains).
+    rebuild: Optional[torch.Tensor] = None  # [B] bool
+
+    def consulted(self) -> torch.Tensor:
+        """Indices of the draft tokens :func:`relaxed_chains` may ask the scorer
+        about: in lossy rows, from the standard rule's first rejection on
+        (every token of a rebuilt row). A scorer computes only these: the
+        rest of the batch (lossless rows, tokens the standard rule kept) would
+        be thrown away, and the distributions are vocabulary-wide."""
+        idx: list[int] = []
+        for b, (o, n) in enumerate(zip(self.offsets, self.num_draft_tokens)):
+            if not n or not bool(self.lossy[b]):
+                continue
+            full = self.rebuild is not None and bool(self.rebuild[b])
+            start = 0 if full else min(int(n), standard_count(self.standard_output[b]))
+            idx.extend(range(o + start, o + int(n)))
+        return torch.tensor(idx, dtype=torch.long)
 
     @property
     def offsets(self) -> list[int]:
@@ -125,6 +142,8 @@ def relaxed_chains(batch: VerifyBatch, acceptable: torch.Tensor,
     ``rebuild[b]`` (reflective rows, whose standard result ran over an
     extended chain): walk the row from its first draft, whatever the
     standard result says."""
+    if rebuild is None:
+        rebuild = batch.rebuild
     out = batch.standard_output.clone()
     B = len(batch.num_draft_tokens)
     std_acc = [0] * B

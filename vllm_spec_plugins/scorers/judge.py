@@ -99,13 +99,21 @@ class JudgeScorer(Scorer):
 
     def acceptable(self, batch: VerifyBatch) -> torch.Tensor:
         T = int(batch.draft_token_ids.shape[0])
+        out = torch.zeros(T, dtype=torch.bool)
         if T == 0 or batch.hidden_pre is None or batch.hidden_post is None:
-            return torch.zeros(T, dtype=torch.bool)
-        feats = judge_features(batch.hidden_pre, batch.hidden_post, batch.target_logits,
-                               batch.draft_token_ids)
+            return out
+        idx = batch.consulted()
+        if idx.numel() == 0:
+            return out
+        dev = batch.target_logits.device
+        feats = judge_features(batch.hidden_pre[idx.to(batch.hidden_pre.device)],
+                               batch.hidden_post[idx.to(batch.hidden_post.device)],
+                               batch.target_logits[idx.to(dev)],
+                               batch.draft_token_ids[idx.to(batch.draft_token_ids.device)])
         ok = self.head.probability(feats) >= self.threshold
         ok &= feats[:, -len(LOGIT_FEATURES)] >= self.min_log_prob  # logp_draft
-        return ok.to("cpu")
+        out[idx] = ok.to("cpu")
+        return out
 
     def describe(self) -> dict:
         return {"name": self.name, "lossless": False, "threshold": self.threshold,

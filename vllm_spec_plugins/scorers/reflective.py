@@ -67,16 +67,23 @@ class ReflectiveScorer(Scorer):
 
     def acceptable(self, batch: VerifyBatch) -> torch.Tensor:
         T = int(batch.draft_token_ids.shape[0])
+        out = torch.zeros(T, dtype=torch.bool)
         if T == 0 or batch.reflective_logits is None:
-            return torch.zeros(T, dtype=torch.bool)
+            return out
+        idx = batch.consulted()
+        if idx.numel() == 0:
+            return out
+        dev = batch.target_logits.device
         w = self.fusion_weight
-        lp_o = torch.log_softmax(batch.target_logits.float(), dim=-1)
-        lp_r = torch.log_softmax(batch.reflective_logits.float(), dim=-1)
+        lp_o = torch.log_softmax(batch.target_logits[idx.to(dev)].float(), dim=-1)
+        lp_r = torch.log_softmax(batch.reflective_logits[idx.to(dev)].float(), dim=-1)
         fused = (1.0 - w) * lp_o + w * lp_r
-        d = batch.draft_token_ids.long().view(-1, 1)
+        d = batch.draft_token_ids[idx.to(batch.draft_token_ids.device)].long().view(-1, 1)
+        d = d.to(dev)
         ok = fused.argmax(dim=-1) == d.view(-1)
         ok &= lp_o.gather(1, d).view(-1) >= self.min_log_prob
-        return ok.to("cpu")
+        out[idx] = ok.to("cpu")
+        return out
 
     def describe(self) -> dict:
         return {"name": self.name, "lossless": False, "fusion_weight": self.fusion_weight,
